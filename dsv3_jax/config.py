@@ -1,0 +1,236 @@
+"""ModelConfig: the DeepSeek-V3 architecture, in Hugging Face `config.json` field names.
+
+The dataclass is frozen and hashable, so it can be a static argument of `jax.jit` and a field of
+a Flax module. All validation lives in `_validate`, which runs on construction: an impossible
+combination raises `ValueError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+    """YaRN long-context RoPE parameters (HF `rope_scaling` with type "yarn")."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"type": "yarn", "rope_type": "yarn", **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3 architecture. Field names follow HF `DeepseekV3Config` (REFERENCE §1)."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = YarnScaling()
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Not in HF: numerics and implementation choices.
+    dtype: str = "float32"  # compute dtype of activations and matmul inputs
+    param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
+    remat_policy: str = "none"  # activation checkpointing of each scanned block
+    capacity_factor: float | None = None  # None: dropless; else per-expert slots = cf·N·K/E
+    expert_block_size: int = 64  # dropless: tokens per expert block of the grouped matmul
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _yarn_from_hf(self.rope_scaling))
+        _validate(self)
+
+    # ---- derived sizes ---------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def num_dense_layers(self) -> int:
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets and HF conversion ---------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
+        """Builds a config from an HF `config.json` dict, file, or checkpoint directory."""
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                config = json.load(f)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        rope = config.get("rope_scaling") or config.get("rope_parameters")
+        if isinstance(rope, dict):
+            kind = rope.get("type", rope.get("rope_type", "default"))
+            kwargs["rope_scaling"] = None if kind == "default" else rope
+            if "rope_theta" in rope and "rope_theta" not in config:
+                kwargs["rope_theta"] = rope["rope_theta"]
+        else:
+            kwargs["rope_scaling"] = None
+        for key in ("n_group", "topk_group"):  # V2-Lite style configs leave these null
+            if kwargs.get(key) is None:
+                kwargs[key] = 1
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict that `transformers.DeepseekV3Config` reads."""
+        hf_fields = {f.name for f in dataclasses.fields(self)} - {
+            "dtype", "param_dtype", "remat_policy", "capacity_factor", "expert_block_size"}
+        out = {k: getattr(self, k) for k in sorted(hf_fields)}
+        out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
+        out.update(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            num_key_value_heads=self.num_attention_heads,
+            attention_bias=False,
+            rope_interleave=True,
+            torch_dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
+                self.param_dtype],
+        )
+        return out
+
+
+def _yarn_from_hf(rope: dict[str, Any]) -> YarnScaling:
+    kind = rope.get("type", rope.get("rope_type"))
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; allowed: 'yarn' or null")
+    fields = {f.name for f in dataclasses.fields(YarnScaling)}
+    return YarnScaling(**{k: v for k, v in rope.items() if k in fields and v is not None})
+
+
+def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _validate(c: ModelConfig) -> None:
+    positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                "n_group", "topk_group", "max_position_embeddings", "expert_block_size"]
+    for name in positive:
+        value = getattr(c, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 name, "must be a positive integer", value)
+    for name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
+        value = getattr(c, name)
+        _require(isinstance(value, int) and value >= 0, name, "must be an integer >= 0", value)
+    _require(c.q_lora_rank is None or (isinstance(c.q_lora_rank, int) and c.q_lora_rank > 0),
+             "q_lora_rank", "must be a positive integer or None (no query compression)",
+             c.q_lora_rank)
+    _require(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             "must be even (RoPE rotates pairs)", c.qk_rope_head_dim)
+    _require(c.num_experts_per_tok <= c.n_routed_experts, "num_experts_per_tok",
+             f"must be <= n_routed_experts={c.n_routed_experts}", c.num_experts_per_tok)
+    _require(c.n_routed_experts % c.n_group == 0, "n_group",
+             f"must divide n_routed_experts={c.n_routed_experts}", c.n_group)
+    _require(c.topk_group <= c.n_group, "topk_group", f"must be <= n_group={c.n_group}",
+             c.topk_group)
+    per_group = c.n_routed_experts // c.n_group
+    _require(c.topk_group * per_group >= c.num_experts_per_tok, "topk_group",
+             f"topk_group x experts per group ({per_group}) must be >= num_experts_per_tok="
+             f"{c.num_experts_per_tok}", c.topk_group)
+    _require(c.scoring_func == "sigmoid", "scoring_func", "allowed: 'sigmoid'", c.scoring_func)
+    _require(c.topk_method == "noaux_tc", "topk_method", "allowed: 'noaux_tc'", c.topk_method)
+    _require(c.hidden_act == "silu", "hidden_act", "allowed: 'silu'", c.hidden_act)
+    _require(not c.tie_word_embeddings, "tie_word_embeddings",
+             "DeepSeek-V3 has an untied head; allowed: False", c.tie_word_embeddings)
+    _require(c.rms_norm_eps > 0, "rms_norm_eps", "must be > 0", c.rms_norm_eps)
+    _require(c.rope_theta > 0, "rope_theta", "must be > 0", c.rope_theta)
+    _require(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0",
+             c.routed_scaling_factor)
+    _require(c.rope_scaling is None or isinstance(c.rope_scaling, YarnScaling), "rope_scaling",
+             "allowed: None, a YarnScaling, or an HF dict with type 'yarn'", c.rope_scaling)
+    if c.rope_scaling is not None:
+        y = c.rope_scaling
+        _require(y.factor >= 1.0, "rope_scaling.factor", "must be >= 1", y.factor)
+        _require(y.original_max_position_embeddings > 0,
+                 "rope_scaling.original_max_position_embeddings", "must be > 0",
+                 y.original_max_position_embeddings)
+        _require(y.beta_fast > 0 and y.beta_slow > 0, "rope_scaling.beta_fast/beta_slow",
+                 "must be > 0", (y.beta_fast, y.beta_slow))
+    _require(c.dtype in _DTYPES, "dtype", f"allowed: {_DTYPES}", c.dtype)
+    _require(c.param_dtype in _DTYPES, "param_dtype", f"allowed: {_DTYPES}", c.param_dtype)
+    _require(c.remat_policy in _REMAT_POLICIES, "remat_policy", f"allowed: {_REMAT_POLICIES}",
+             c.remat_policy)
+    _require(c.capacity_factor is None or (c.capacity_factor > 0 and math.isfinite(
+        c.capacity_factor)), "capacity_factor", "must be None (dropless) or > 0",
+             c.capacity_factor)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The published DeepSeek-V3 configuration (HF config.json of deepseek-ai/DeepSeek-V3).
+    "deepseek-v3-671b": ModelConfig(dtype="bfloat16", remat_policy="full"),
+    # Every code path, in a model that runs in milliseconds: 1 dense + 3 MoE layers, q_lora,
+    # group-limited routing (4 groups, keep 2), YaRN, one MTP module.
+    "tiny": ModelConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, max_position_embeddings=1024,
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=256),
+        num_nextn_predict_layers=1, expert_block_size=16),
+    # ~40M parameters (~12M active): trains on a 2-core CPU in minutes.
+    "small": ModelConfig(
+        vocab_size=384, hidden_size=384, intermediate_size=1024, moe_intermediate_size=256,
+        num_hidden_layers=6, num_attention_heads=6, q_lora_rank=192, kv_lora_rank=128,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=32,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+        first_k_dense_replace=1, max_position_embeddings=4096,
+        rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=1024),
+        num_nextn_predict_layers=1, expert_block_size=64),
+}

@@ -1,0 +1,135 @@
+"""Multi-head latent attention (MLA): full path for training/prefill, absorbed path for decode.
+
+Dimension key: B batch · T query positions · S key positions · D model · N heads ·
+H qk_nope head dim · R qk_rope head dim · A v head dim · Q q_lora_rank · C kv_lora_rank.
+
+Query:  c_q = RMSNorm(x W_qa) [Q];  q_nope = c_q W_qb_nope [N,H];  q_pe = RoPE(c_q W_qb_pe) [N,R]
+        (without q compression: q = x W_q directly).
+Latent: c_kv = RMSNorm(x W_kva) [C];  k_pe = RoPE(x W_kpe) [R], one rope key shared by all heads.
+Full:   k_nope = c_kv W_kvb_k [N,H];  v = c_kv W_kvb_v [N,A];
+        score = (q_nope·k_nope + q_pe·k_pe) · scale;  out = softmax(score) v W_o.
+Absorbed decode: the cache holds only c_kv and k_pe (C + R values per token). W_kvb_k is folded
+into the query (q_nope W_kvb_k → [N,C]) and W_kvb_v is applied after attending over the latents:
+the same numbers without ever materializing per-head keys or values.
+
+The HF tensors `q_b_proj`, `kv_a_proj_with_mqa` and `kv_b_proj` are stored split (nope/pe, k/v)
+so every contraction here is a plain einsum in the dimension key; `dsv3_jax.hf` splits and joins.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, matmul
+from dsv3_jax.rope import apply_rope, softmax_scale
+
+
+@flax.struct.dataclass
+class LatentCache:
+    """The decode cache of one MLA layer: normalized latents and rotated rope keys."""
+
+    c_kv: jax.Array  # [B, S, C]
+    k_pe: jax.Array  # [B, S, R]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int, dtype) -> LatentCache:
+        return cls(jnp.zeros((batch, length, config.kv_lora_rank), dtype),
+                   jnp.zeros((batch, length, config.qk_rope_head_dim), dtype))
+
+    def write(self, c_kv: jax.Array, k_pe: jax.Array, index: jax.Array) -> LatentCache:
+        """Writes [B, T, ·] new entries at positions index .. index+T-1."""
+        at = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, new.astype(buf.dtype), index, axis=1)
+        return LatentCache(at(self.c_kv, c_kv), at(self.k_pe, k_pe))
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. See the module docstring for the algebra."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        D, N, H, R, A, C = (c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim,
+                            c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
+        if c.q_lora_rank is None:
+            self.q_proj_nope = Einsum((D, N, H), ("embed", "heads", "qk_nope"), c)
+            self.q_proj_pe = Einsum((D, N, R), ("embed", "heads", "qk_rope"), c)
+        else:
+            Q = c.q_lora_rank
+            self.q_a_proj = Einsum((D, Q), ("embed", "q_lora"), c)
+            self.q_a_layernorm = RMSNorm(Q, c, axis_name="q_lora")
+            self.q_b_proj_nope = Einsum((Q, N, H), ("q_lora", "heads", "qk_nope"), c)
+            self.q_b_proj_pe = Einsum((Q, N, R), ("q_lora", "heads", "qk_rope"), c)
+        self.kv_a_proj = Einsum((D, C), ("embed", "kv_lora"), c)
+        self.k_pe_proj = Einsum((D, R), ("embed", "qk_rope"), c)
+        self.kv_a_layernorm = RMSNorm(C, c, axis_name="kv_lora")
+        self.kv_b_proj_k = Einsum((C, N, H), ("kv_lora", "heads", "qk_nope"), c)
+        self.kv_b_proj_v = Einsum((C, N, A), ("kv_lora", "heads", "v_head"), c)
+        self.o_proj = Einsum((N, A, D), ("heads", "v_head", "embed"), c)
+
+    def _query(self, x, positions):
+        if self.config.q_lora_rank is None:
+            q_nope = self.q_proj_nope("BTD,DNH->BTNH", x)
+            q_pe = self.q_proj_pe("BTD,DNR->BTNR", x)
+        else:
+            c_q = self.q_a_layernorm(self.q_a_proj("BTD,DQ->BTQ", x))
+            q_nope = self.q_b_proj_nope("BTQ,QNH->BTNH", c_q)
+            q_pe = self.q_b_proj_pe("BTQ,QNR->BTNR", c_q)
+        q_nope = nn.with_logical_constraint(q_nope, ("batch", "length", "heads", "qk_nope"))
+        return q_nope, apply_rope(q_pe, positions, self.config)
+
+    def _latent(self, x, positions):
+        c_kv = self.kv_a_layernorm(self.kv_a_proj("BSD,DC->BSC", x))
+        k_pe = apply_rope(self.k_pe_proj("BSD,DR->BSR", x), positions, self.config)
+        return c_kv, k_pe
+
+    def __call__(self, x, positions, cache: LatentCache | None = None, cache_index=None,
+                 absorb: bool = False):
+        """Attends causally.
+
+        Args:
+          x: [B, T, D] inputs; positions: [B, T] their absolute positions.
+          cache: None for training (attend within x). Otherwise this layer's LatentCache, into
+            which the new latents are written at `cache_index`.
+          absorb: with a cache, attend over the whole cache through the absorbed path
+            (decode, speculative verification); without, attend within x only (prefill at 0).
+        Returns:
+          ([B, T, D] output, updated cache or None).
+        """
+        dtype = dtype_of(self.config.dtype)
+        q_nope, q_pe = self._query(x, positions)
+        c_kv, k_pe = self._latent(x, positions)
+        if cache is not None:
+            cache = cache.write(c_kv, k_pe, cache_index)
+        if cache is not None and absorb:
+            S = cache.c_kv.shape[1]
+            key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
+            mask = key_pos <= positions[:, :, None]  # [B, T, S]
+            q_latent = self.kv_b_proj_k("BTNH,CNH->BTNC", q_nope)
+            scores = (matmul("BTNC,BSC->BNTS", q_latent, cache.c_kv, dtype)
+                      + matmul("BTNR,BSR->BNTS", q_pe, cache.k_pe, dtype))
+            probs = _masked_softmax(scores, mask, self.config)
+            out_latent = matmul("BNTS,BSC->BTNC", probs, cache.c_kv, dtype)
+            out = self.kv_b_proj_v("BTNC,CNA->BTNA", out_latent)
+        else:
+            k_nope = self.kv_b_proj_k("BSC,CNH->BSNH", c_kv)
+            v = self.kv_b_proj_v("BSC,CNA->BSNA", c_kv)
+            mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
+            scores = (matmul("BTNH,BSNH->BNTS", q_nope, k_nope, dtype)
+                      + matmul("BTNR,BSR->BNTS", q_pe, k_pe, dtype))
+            probs = _masked_softmax(scores, mask, self.config)
+            out = matmul("BNTS,BSNA->BTNA", probs, v, dtype)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "v_head"))
+        return self.o_proj("BTNA,NAD->BTD", out), cache
+
+
+def _masked_softmax(scores, mask, config: ModelConfig):
+    """softmax over S of scores [B, N, T, S] · scale, in fp32, with mask [B, T, S]."""
+    scores = scores.astype(jnp.float32) * softmax_scale(config)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype_of(config.dtype))

@@ -1,0 +1,201 @@
+"""DeepSeekV3: embedding → dense blocks → scanned MoE blocks → norm → head, plus MTP modules.
+
+Parameters (flax `params`):
+  embed_tokens [V, D] · dense_layers/… [L_dense, …] · moe_layers/… [L_moe, …] · norm · lm_head
+  [D, V] · mtp_k/{enorm, hnorm, eh_proj [2D, D], block/…, shared_head_norm} for each MTP depth k.
+State (`moe_bias` collection): e_score_correction_bias [L_moe + num_mtp, E] float32 — one row per
+MoE layer (main stack first, then MTP blocks), updated outside the gradient by the sign rule.
+
+Both block stacks are `nn.scan`s with a leading `layers` axis, so compile time does not grow with
+depth and a pipeline stage is a slice of the stack.
+
+MTP (REFERENCE §4, HF MtpModel semantics): h⁰ = the main model's final normed hidden state;
+depth k (0-based) sees token t_{i+k+1} at position i:
+  h'ᵏ = eh_proj([enorm(Emb(t_{i+k+1})) ; hnorm(hᵏ)]),  hᵏ⁺¹ = shared_head_norm(Block(h'ᵏ)),
+  mtp_logits[k] = head(hᵏ⁺¹) predicts t_{i+k+2}. Positions past the input are fed token 0 and
+  must be masked by the loss (causal attention keeps them from affecting valid positions).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, dtype_of, remat_policy
+from dsv3_jax.mla import MLA, LatentCache
+from dsv3_jax.moe import MoE
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, V] float32
+    mtp_logits: tuple[jax.Array, ...]  # num_nextn_predict_layers × [B, T, V] float32
+    expert_counts: jax.Array  # [L_moe + num_mtp, E] int32 assignments per expert per MoE layer
+    balance_loss: jax.Array  # scalar: Σ over MoE layers of the sequence-wise Σ_i f_i·P_i
+    hidden: jax.Array  # [B, T, D] final normed hidden state (h⁰ of MTP)
+    cache: dict | None  # updated decode cache, when one was given
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MLA(norm x), then x + FFN(norm x)."""
+
+    config: ModelConfig
+    moe: bool
+    absorb: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, cache_index, bias, cache):
+        c = self.config
+        h, cache = MLA(c, name="self_attn")(
+            RMSNorm(c.hidden_size, c, name="input_layernorm")(x), positions, cache, cache_index,
+            absorb=self.absorb)
+        x = x + h
+        h = RMSNorm(c.hidden_size, c, name="post_attention_layernorm")(x)
+        if self.moe:
+            y, counts, balance = MoE(c, name="mlp")(h, bias)
+        else:
+            y, counts, balance = SwiGLU(c.intermediate_size, c, name="mlp")(h), None, None
+        x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+        return x, (cache, counts, balance)
+
+
+def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str):
+    """`length` Blocks as one nn.scan with a leading `layers` axis on every parameter."""
+    block = Block
+    policy = remat_policy(config.remat_policy)
+    if policy is not None:
+        block = nn.remat(Block, policy=policy, prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config, moe, absorb, name=name)
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: combine h and the next token's embedding, one block."""
+
+    config: ModelConfig
+    absorb: bool = False
+
+    @nn.compact
+    def __call__(self, h, emb, positions, cache_index, bias, cache):
+        c = self.config
+        D = c.hidden_size
+        joined = jnp.concatenate([RMSNorm(D, c, name="enorm")(emb),
+                                  RMSNorm(D, c, name="hnorm")(h)], axis=-1)
+        x = Einsum((2 * D, D), (None, "embed"), c, name="eh_proj")("BTX,XD->BTD", joined)
+        x, (cache, counts, balance) = Block(c, moe=True, absorb=self.absorb, name="block")(
+            x, positions, cache_index, bias, cache)
+        return RMSNorm(D, c, name="shared_head_norm")(x), cache, counts, balance
+
+
+class DeepSeekV3(nn.Module):
+    """The DeepSeek-V3 language model. See the module docstring for parameters and MTP."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, *, cache: dict | None = None, cache_index=None,
+                 absorb: bool = False, mtp: bool = True) -> ModelOutput:
+        """Runs the model.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] absolute positions; default arange(T) (+ cache_index).
+          cache: decode cache from `init_cache` (keys dense/moe/mtp), written at `cache_index`.
+          absorb: attend over the cache with the absorbed MLA path (decode steps).
+          mtp: also run the MTP modules (training, drafting).
+        """
+        c = self.config
+        B, T = tokens.shape
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        dtype = dtype_of(c.dtype)
+        embedding = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                         ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size), dtype_of(c.param_dtype))
+        bias = self.variable("moe_bias", "e_score_correction_bias", jnp.zeros,
+                             (c.num_moe_layers + c.num_nextn_predict_layers, c.n_routed_experts),
+                             jnp.float32).value
+        embed = lambda ids: jnp.take(embedding, ids, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        cache = dict(cache) if cache is not None else None
+        get = lambda key: None if cache is None else cache[key]
+
+        if c.num_dense_layers:
+            x, (new, _, _) = _stack(c, False, absorb, c.num_dense_layers, "dense_layers")(
+                x, positions, cache_index, None, get("dense"))
+            if cache is not None:
+                cache["dense"] = new
+        counts, balance = [], []
+        if c.num_moe_layers:
+            x, (new, layer_counts, layer_balance) = _stack(
+                c, True, absorb, c.num_moe_layers, "moe_layers")(
+                x, positions, cache_index, bias[:c.num_moe_layers], get("moe"))
+            counts.append(layer_counts)
+            balance.append(layer_balance)
+            if cache is not None:
+                cache["moe"] = new
+        hidden = RMSNorm(c.hidden_size, c, name="norm")(x)
+        head = Einsum((c.hidden_size, c.vocab_size), ("embed", "vocab"), c, out_dtype="float32",
+                      name="lm_head")
+        logits = head("BTD,DV->BTV", hidden)
+
+        mtp_logits = []
+        if mtp and c.num_nextn_predict_layers:
+            h = hidden
+            new_mtp = []
+            for k in range(c.num_nextn_predict_layers):
+                shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))  # t_{i+k+1}
+                layer_cache = None if cache is None else jax.tree.map(lambda a, k=k: a[k],
+                                                                      cache["mtp"])
+                h, layer_cache, layer_counts, layer_balance = MTPModule(
+                    c, absorb=absorb, name=f"mtp_{k}")(
+                    h, embed(shifted), positions, cache_index, bias[c.num_moe_layers + k],
+                    layer_cache)
+                mtp_logits.append(head("BTD,DV->BTV", h))
+                counts.append(layer_counts[None])
+                balance.append(layer_balance[None])
+                new_mtp.append(layer_cache)
+            if cache is not None:
+                cache["mtp"] = jax.tree.map(lambda *a: jnp.stack(a), *new_mtp)
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=tuple(mtp_logits),
+            expert_counts=jnp.concatenate(counts) if counts else jnp.zeros((0, c.n_routed_experts),
+                                                                           jnp.int32),
+            balance_loss=sum(b.sum() for b in balance) if balance else jnp.zeros(()),
+            hidden=hidden,
+            cache=cache,
+        )
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty latent cache for `length` positions: per stack, LatentCache with a layer axis."""
+    dtype = dtype_of(config.dtype) if dtype is None else dtype
+    stacked = lambda n: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape),
+                                     LatentCache.zeros(config, batch, length, dtype))
+    cache = {}
+    if config.num_moe_layers:
+        cache["moe"] = stacked(config.num_moe_layers)
+    if config.num_dense_layers:
+        cache["dense"] = stacked(config.num_dense_layers)
+    if config.num_nextn_predict_layers:
+        cache["mtp"] = stacked(config.num_nextn_predict_layers)
+    return cache
+
+
+def init_variables(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
+    """Initial variables {'params', 'moe_bias'} (boxed with logical axis metadata)."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return DeepSeekV3(config).init(rng, tokens)

@@ -198,4 +198,4 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict
 def init_variables(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8) -> dict:
     """Initial variables {'params', 'moe_bias'} (boxed with logical axis metadata)."""
     tokens = jnp.zeros((batch, length), jnp.int32)
-    return DeepSeekV3(config).init(rng, tokens)
+    return jax.jit(DeepSeekV3(config).init)(rng, tokens)

@@ -1,0 +1,70 @@
+"""MLA: the absorbed latent-cache path equals the full path; RoPE/YaRN against formulas."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import ModelConfig
+from dsv3_jax.mla import MLA, LatentCache
+from dsv3_jax.rope import apply_rope, inv_freq, softmax_scale
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_absorbed_decode_equals_full_path(q_lora):
+    c = ModelConfig.preset("tiny")
+    if not q_lora:
+        c = dataclasses.replace(c, q_lora_rank=None)
+    B, T, P = 2, 12, 5  # prefill P tokens, then decode one at a time, then a 3-token chunk
+    x = jax.random.normal(jax.random.key(0), (B, T, c.hidden_size))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mla = MLA(c)
+    params = nn.unbox(mla.init(jax.random.key(1), x, pos))
+    params = jax.tree.map(lambda a: a * 4, params)  # sharper attention than the init's
+    full, _ = jax.jit(lambda p, x: mla.apply(p, x, pos))(params, x)
+
+    step = jax.jit(lambda p, x, pos, cache, i, absorb: mla.apply(
+        p, x, pos, cache, i, absorb=absorb), static_argnums=5)
+    cache = LatentCache.zeros(c, B, T, jnp.float32)
+    out, cache = step(params, x[:, :P], pos[:, :P], cache, 0, False)  # prefill
+    outs = [out]
+    for t in range(P, T - 3):
+        out, cache = step(params, x[:, t:t + 1], pos[:, t:t + 1], cache, t, True)
+        outs.append(out)
+    out, cache = step(params, x[:, T - 3:], pos[:, T - 3:], cache, T - 3, True)  # multi-token
+    outs.append(out)
+    cached = jnp.concatenate(outs, axis=1)
+    scale = float(jnp.abs(full).max())
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=2e-5 * scale, rtol=0)
+    assert cache.c_kv.shape == (B, T, c.kv_lora_rank)
+    assert cache.k_pe.shape == (B, T, c.qk_rope_head_dim)
+
+
+def test_rope_rotates_interleaved_pairs():
+    c = ModelConfig.preset("tiny", rope_scaling=None)
+    R = c.qk_rope_head_dim
+    x = np.random.default_rng(0).normal(size=(1, 3, R)).astype(np.float32)
+    pos = np.array([[0, 1, 7]])
+    got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), c))
+    freqs = c.rope_theta ** (-np.arange(0, R, 2) / R)
+    z = x[..., 0::2] + 1j * x[..., 1::2]
+    rot = z * np.exp(1j * pos[..., None] * freqs)
+    want = np.stack([rot.real, rot.imag], -1).reshape(x.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_yarn_frequencies_and_mscale():
+    # DeepSeek-V3: d=64, base 1e4, factor 40, orig 4096, beta 32/1 → ramp over dims [10, 23].
+    c = ModelConfig.preset("deepseek-v3-671b")
+    freqs, attention_factor = inv_freq(c)
+    base = 10000.0 ** (-np.arange(0, 64, 2) / 64)
+    np.testing.assert_allclose(freqs[:10], base[:10], rtol=1e-6)  # extrapolated (high freq)
+    np.testing.assert_allclose(freqs[23:], base[23:] / 40, rtol=1e-6)  # interpolated
+    assert np.all(freqs[10:23] <= base[10:23]) and np.all(freqs[10:23] >= base[10:23] / 40)
+    assert attention_factor == 1.0  # mscale == mscale_all_dim
+    mscale = 0.1 * math.log(40) + 1
+    np.testing.assert_allclose(softmax_scale(c), 192 ** -0.5 * mscale ** 2, rtol=1e-12)

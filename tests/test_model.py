@@ -1,0 +1,113 @@
+"""DeepSeekV3 end to end: outputs, scanned stacks, MTP semantics, generate vs full forwards."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import DeepSeekV3, ModelConfig, generate, init_variables
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    c = ModelConfig.preset("tiny")
+    return c, nn.unbox(init_variables(c, jax.random.key(0)))
+
+
+def test_outputs_and_parameter_stacks(tiny):
+    c, v = tiny
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, c.vocab_size)
+    out = jax.jit(DeepSeekV3(c).apply)(v, tokens)
+    assert out.logits.shape == (2, 16, c.vocab_size) and out.logits.dtype == jnp.float32
+    assert len(out.mtp_logits) == c.num_nextn_predict_layers
+    L_moe = c.num_moe_layers + c.num_nextn_predict_layers
+    assert out.expert_counts.shape == (L_moe, c.n_routed_experts)
+    # every token goes to exactly K experts in every MoE layer
+    np.testing.assert_array_equal(out.expert_counts.sum(1), 2 * 16 * c.num_experts_per_tok)
+    assert np.isfinite(float(out.balance_loss)) and float(out.balance_loss) > 0
+    p = v["params"]
+    assert p["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"].shape == (
+        c.num_moe_layers, c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+    assert p["dense_layers"]["mlp"]["gate_proj"]["kernel"].shape[0] == c.num_dense_layers
+    assert v["moe_bias"]["e_score_correction_bias"].shape == (L_moe, c.n_routed_experts)
+
+
+def test_logical_axis_names_on_every_parameter():
+    c = ModelConfig.preset("tiny")
+    boxed = jax.eval_shape(lambda: init_variables(c, jax.random.key(0)))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim
+
+
+def test_correction_bias_changes_routing_not_gradients(tiny):
+    c, v = tiny
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, c.vocab_size)
+    apply = jax.jit(DeepSeekV3(c).apply)
+    skew = jnp.zeros_like(v["moe_bias"]["e_score_correction_bias"]).at[:, 0].set(10.0)
+    out = apply({**v, "moe_bias": {"e_score_correction_bias": skew}}, tokens)
+    # a large bias on expert 0 puts every token on it in every layer
+    np.testing.assert_array_equal(out.expert_counts[:, 0], 2 * 16)
+
+
+def test_mtp_uses_next_tokens_causally(tiny):
+    c, v = tiny
+    apply = jax.jit(DeepSeekV3(c).apply)
+    tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, c.vocab_size)
+    changed = tokens.at[0, 8].set((tokens[0, 8] + 1) % c.vocab_size)
+    a, b = apply(v, tokens), apply(v, changed)
+    # main logits at i see tokens ≤ i: positions < 8 unchanged, 8 changed
+    np.testing.assert_allclose(a.logits[0, :8], b.logits[0, :8], atol=1e-6)
+    assert float(jnp.abs(a.logits[0, 8] - b.logits[0, 8]).max()) > 1e-4
+    # MTP depth 0 at position i also sees t_{i+1}: position 7 now differs, 6 does not
+    m_a, m_b = a.mtp_logits[0][0], b.mtp_logits[0][0]
+    np.testing.assert_allclose(m_a[:7], m_b[:7], atol=1e-6)
+    assert float(jnp.abs(m_a[7] - m_b[7]).max()) > 1e-4
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_greedy_generate_equals_repeated_full_forward(q_lora):
+    c = ModelConfig.preset("tiny")
+    if not q_lora:
+        c = dataclasses.replace(c, q_lora_rank=None)
+    v = nn.unbox(init_variables(c, jax.random.key(4)))
+    v = {**v, "params": jax.tree.map(lambda a: a * 3, v["params"])}  # less uniform logits
+    prompt = jax.random.randint(jax.random.key(5), (2, 5), 0, c.vocab_size)
+    out = generate(c, v, prompt, 8)
+    # Full causal forwards over a fixed-length buffer (one compile): the logits at position t
+    # do not depend on the zeros after it.
+    forward = jax.jit(lambda t: DeepSeekV3(c).apply(v, t, mtp=False).logits)
+    tokens = jnp.zeros((2, 13), jnp.int32).at[:, :5].set(prompt)
+    for t in range(5, 13):
+        tokens = tokens.at[:, t].set(jnp.argmax(forward(tokens)[:, t - 1], -1))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(tokens))
+
+
+def test_sampling_is_seeded_and_top_p_limits_choices(tiny):
+    c, v = tiny
+    prompt = jnp.zeros((2, 3), jnp.int32)
+    a = generate(c, v, prompt, 6, temperature=1.0, rng=jax.random.key(0))
+    b = generate(c, v, prompt, 6, temperature=1.0, rng=jax.random.key(0))
+    np.testing.assert_array_equal(a, b)
+    # a vanishing nucleus keeps only the most likely token: sampling becomes greedy
+    greedy = generate(c, v, prompt, 6)
+    tiny_p = generate(c, v, prompt, 6, temperature=1.0, top_p=1e-6, rng=jax.random.key(1))
+    np.testing.assert_array_equal(greedy, tiny_p)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=2000), "max_position_embeddings"),
+    (dict(max_new_tokens=2, temperature=0.5), "rng"),
+    (dict(max_new_tokens=2, top_p=0.0), "top_p"),
+])
+def test_generate_rejects_bad_arguments(tiny, kwargs, match):
+    c, v = tiny
+    with pytest.raises(ValueError, match=match):
+        generate(c, v, jnp.zeros((1, 3), jnp.int32), **kwargs)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        generate(c, v, jnp.full((1, 3), c.vocab_size), 2)

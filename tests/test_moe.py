@@ -1,0 +1,155 @@
+"""DeepSeekMoE: hand-worked routing, dropless vs a per-expert loop, capacity vs dropless."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import ModelConfig
+from dsv3_jax.moe import MoE, plan_slots, route, sequence_balance_loss
+
+
+def _logit(p):
+    return np.log(np.asarray(p) / (1 - np.asarray(p)))
+
+
+def test_router_group_limited_with_negative_selection_scores():
+    # 8 experts in 4 groups of 2, keep 2 groups, top-2 experts; bias -0.9 on every expert.
+    #   s      = [.5 .4 | .3 .2 | .6 .1 | .2 .2]        (sigmoid of the logits)
+    #   s_sel  = [-.4 -.5 | -.6 -.7 | -.3 -.8 | -.7 -.7]
+    #   group score (sum of its top-2) = [-.9, -1.3, -1.1, -1.4] → keep groups 0 and 2
+    #   kept experts: e0 -.4, e1 -.5, e4 -.3, e5 -.8 → top-2 = e4, e0
+    #   Masking dropped groups with 0.0 (not −inf) would pick e2, e3 (0.0 > -0.3): wrong.
+    #   weights from UNBIASED s: .6, .5 → /1.1 → .54545, .45455 → ×2.5 → 1.36364, 1.13636
+    c = ModelConfig.preset("tiny", n_routed_experts=8, n_group=4, topk_group=2,
+                           num_experts_per_tok=2)
+    logits = jnp.asarray(_logit([[.5, .4, .3, .2, .6, .1, .2, .2]]), jnp.float32)
+    r = route(logits, jnp.full((8,), -0.9), c)
+    assert sorted(np.asarray(r.experts[0]).tolist()) == [0, 4]
+    got = dict(zip(np.asarray(r.experts[0]).tolist(), np.asarray(r.weights[0]).tolist()))
+    np.testing.assert_allclose([got[4], got[0]], [2.5 * .6 / 1.1, 2.5 * .5 / 1.1], rtol=1e-6)
+
+
+def test_router_bias_changes_selection_but_not_weights():
+    # 4 experts, 1 group, top-1. s = [.9 .8 .1 .1]; bias +0.2 on e1 → s_sel e1 = 1.0 > e0's .9:
+    # e1 is chosen, and its weight is its unbiased .8 normalized alone → 1.0 × scaling 2.5.
+    c = ModelConfig.preset("tiny", n_routed_experts=4, n_group=1, topk_group=1,
+                           num_experts_per_tok=1)
+    logits = jnp.asarray(_logit([[.9, .8, .1, .1]]), jnp.float32)
+    r = route(logits, jnp.asarray([0., .2, 0., 0.]), c)
+    assert int(r.experts[0, 0]) == 1
+    np.testing.assert_allclose(float(r.weights[0, 0]), 2.5, rtol=1e-6)
+    r = route(logits, jnp.zeros(4), dataclasses.replace(c, norm_topk_prob=False))
+    assert int(r.experts[0, 0]) == 0
+    np.testing.assert_allclose(float(r.weights[0, 0]), 2.5 * .9, rtol=1e-6)
+
+
+def _numpy_route(logits, bias, c):
+    """Loop reference of REFERENCE §3, one token at a time."""
+    E, G, K = c.n_routed_experts, c.n_group, c.num_experts_per_tok
+    experts, weights = [], []
+    for row in logits:
+        s = 1 / (1 + np.exp(-row.astype(np.float64)))
+        sel = s + bias
+        groups = sel.reshape(G, E // G)
+        gscore = np.sort(groups, axis=1)[:, -2:].sum(1)
+        kept = np.argsort(-gscore, kind="stable")[:c.topk_group]
+        masked = np.full(E, -np.inf)
+        for g in kept:
+            masked[g * (E // G):(g + 1) * (E // G)] = sel[g * (E // G):(g + 1) * (E // G)]
+        idx = np.argsort(-masked, kind="stable")[:K]
+        w = s[idx] / (s[idx].sum() + 1e-20) * c.routed_scaling_factor
+        experts.append(idx)
+        weights.append(w)
+    return np.array(experts), np.array(weights)
+
+
+def _reference_moe(params, x, bias, c):
+    """Per-token, per-expert loop: shared + Σ_k w_k·SwiGLU_{e_k}(x), NumPy float64."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    silu = lambda z: z / (1 + np.exp(-z))
+    swiglu = lambda h, g, u, d: (silu(h @ g) * (h @ u)) @ d
+    tokens = np.asarray(x, np.float64).reshape(-1, c.hidden_size)
+    experts, weights = _numpy_route(tokens @ p["gate"]["kernel"], np.asarray(bias), c)
+    ex, sh = p["experts"], p["shared_experts"]
+    out = np.zeros_like(tokens)
+    for n, h in enumerate(tokens):
+        out[n] = swiglu(h, sh["gate_proj"]["kernel"], sh["up_proj"]["kernel"],
+                        sh["down_proj"]["kernel"])
+        for e, w in zip(experts[n], weights[n]):
+            out[n] += w * swiglu(h, ex["gate_proj"]["kernel"][e], ex["up_proj"]["kernel"][e],
+                                 ex["down_proj"]["kernel"][e])
+    counts = np.bincount(experts.reshape(-1), minlength=c.n_routed_experts)
+    return out.reshape(x.shape), counts
+
+
+def _moe_setup(config, seed=0, B=2, T=24):
+    x = jax.random.normal(jax.random.key(seed), (B, T, config.hidden_size))
+    bias = jax.random.uniform(jax.random.key(seed + 1), (config.n_routed_experts,),
+                              minval=-0.3, maxval=0.3)
+    params = nn.unbox(MoE(config).init(jax.random.key(seed + 2), x, bias))["params"]
+    # Larger weights than the init so that differences are visible above float noise.
+    params = jax.tree.map(lambda a: a * 8, params)
+    return params, x, bias
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_dropless_moe_matches_per_expert_loop(block):
+    c = ModelConfig.preset("tiny", expert_block_size=block)
+    params, x, bias = _moe_setup(c)
+    y, counts, _ = jax.jit(lambda p, x, b: MoE(c).apply({"params": p}, x, b))(params, x, bias)
+    ref, ref_counts = _reference_moe(params, x, bias, c)
+    np.testing.assert_array_equal(np.asarray(counts), ref_counts)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_capacity_equals_dropless_without_overflow_and_drops_with_it():
+    c = ModelConfig.preset("tiny")
+    params, x, bias = _moe_setup(c, seed=3)
+    run = lambda cfg: jax.jit(lambda p, x, b: MoE(cfg).apply({"params": p}, x, b))(
+        params, x, bias)
+    y_dropless, counts, _ = run(c)
+    # capacity_factor E/K gives every expert room for all N tokens: nothing can overflow.
+    cf = c.n_routed_experts / c.num_experts_per_tok
+    y_cap, counts_cap, _ = run(dataclasses.replace(c, capacity_factor=cf))
+    np.testing.assert_allclose(np.asarray(y_cap), np.asarray(y_dropless), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(counts_cap), np.asarray(counts))
+    # A small capacity drops overflowing assignments: the output changes, counts do not.
+    y_small, counts_small, _ = run(dataclasses.replace(c, capacity_factor=0.25))
+    np.testing.assert_array_equal(np.asarray(counts_small), np.asarray(counts))
+    assert float(jnp.abs(y_small - y_dropless).max()) > 1e-3
+
+
+def test_slot_plan_places_every_assignment_once():
+    experts = jnp.asarray([[0, 3], [3, 1], [3, 0], [2, 3]])
+    plan = plan_slots(experts, 4, block=2)
+    slots = np.asarray(plan.slot).reshape(-1)
+    assert len(set(slots.tolist())) == slots.size  # no collisions
+    token = np.asarray(plan.token)
+    for n, k in np.ndindex(experts.shape):
+        assert token[plan.slot[n, k]] == n
+        assert plan.block_expert[plan.slot[n, k] // 2] == experts[n, k]
+    np.testing.assert_array_equal(plan.counts, [2, 1, 1, 4])
+    # capacity 2 drops the 3rd and 4th assignment to expert 3 (in token order).
+    cap = plan_slots(experts, 4, capacity=2)
+    assert int((np.asarray(cap.slot) == 8).sum()) == 2
+    assert np.asarray(cap.slot)[3, 1] == 8 and np.asarray(cap.slot)[2, 0] == 8
+
+
+def test_sequence_balance_loss_matches_formula():
+    c = ModelConfig.preset("tiny", n_routed_experts=4, n_group=1, topk_group=1,
+                           num_experts_per_tok=2)
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.05, 1, size=(2 * 5, 4))
+    experts = np.stack([rng.choice(4, 2, replace=False) for _ in range(10)])
+    expected = 0.0
+    for b in range(2):
+        s, e = scores[b * 5:(b + 1) * 5], experts[b * 5:(b + 1) * 5]
+        f = np.array([(e == i).any(1).sum() for i in range(4)]) * 4 / (2 * 5)
+        p = (s / s.sum(1, keepdims=True)).mean(0)
+        expected += (f * p).sum() / 2
+    got = sequence_balance_loss(jnp.asarray(scores), jnp.asarray(experts), c, 2)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)

@@ -70,7 +70,13 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     remat_policy: str = "none"  # activation checkpointing of each scanned block
     capacity_factor: float | None = None  # None: dropless; else per-expert slots = cf·N·K/E
-    expert_block_size: int = 64  # dropless: tokens per expert block of the grouped matmul
+    # Dropless: tokens per expert block of the grouped matmul. Larger blocks gather fewer copies
+    # of the expert weights but pad more (benchmarks/moe_vs_dense.py measures the trade).
+    expert_block_size: int = 64
+    # Device-limited routing (V3's node-limited): None, or M = the most expert shards (devices
+    # of the mesh's `expert` axis) one token may use; applies only when the experts are split
+    # over more than M shards, so routing then depends on the expert-parallel degree.
+    expert_shard_limit: int | None = None
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -128,7 +134,8 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that `transformers.DeepseekV3Config` reads."""
         hf_fields = {f.name for f in dataclasses.fields(self)} - {
-            "dtype", "param_dtype", "remat_policy", "capacity_factor", "expert_block_size"}
+            "dtype", "param_dtype", "remat_policy", "capacity_factor", "expert_block_size",
+            "expert_shard_limit"}
         out = {k: getattr(self, k) for k in sorted(hf_fields)}
         out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
         out.update(
@@ -206,6 +213,10 @@ def _validate(c: ModelConfig) -> None:
     _require(c.param_dtype in _DTYPES, "param_dtype", f"allowed: {_DTYPES}", c.param_dtype)
     _require(c.remat_policy in _REMAT_POLICIES, "remat_policy", f"allowed: {_REMAT_POLICIES}",
              c.remat_policy)
+    _require(c.expert_shard_limit is None or (
+        isinstance(c.expert_shard_limit, int) and not isinstance(c.expert_shard_limit, bool)
+        and c.expert_shard_limit > 0), "expert_shard_limit",
+             "must be None (no device limit) or a positive integer", c.expert_shard_limit)
     _require(c.capacity_factor is None or (c.capacity_factor > 0 and math.isfinite(
         c.capacity_factor)), "capacity_factor", "must be None (dropless) or > 0",
              c.capacity_factor)
@@ -232,5 +243,5 @@ PRESETS: dict[str, ModelConfig] = {
         n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
         first_k_dense_replace=1, max_position_embeddings=4096,
         rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=1024),
-        num_nextn_predict_layers=1, expert_block_size=64),
+        num_nextn_predict_layers=1, expert_block_size=256),
 }

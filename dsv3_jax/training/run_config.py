@@ -1,0 +1,183 @@
+"""Run configuration: the ConfigDict every `configs/*.py` file starts from, and its checks.
+
+`base_config(preset)` holds every field train.py reads, with defaults; a config file changes a
+few. `config.model` is a ConfigDict of `ModelConfig` fields filled from a preset, so any
+architecture field can be overridden from the command line (`--config.model.num_hidden_layers=4`);
+`model_config()` turns it back into a validated `ModelConfig`. All input checks that can run
+before compilation live here and raise `ConfigError` with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from dsv3_jax.config import ModelConfig, YarnScaling
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "pipe")
+_SCALAR_TYPES = {"int": int, "float": float}
+
+
+class ConfigError(ValueError):
+    """Bad input detected before compilation: train.py prints it on one line, exit status 2."""
+
+
+def model_fields(preset: str) -> ml_collections.ConfigDict:
+    """A ConfigDict of every ModelConfig field, filled from `ModelConfig.preset(preset)`."""
+    model = ModelConfig.preset(preset)
+    fields = {}
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(model, f.name)
+        base, _, nullable = str(f.type).partition(" | ")
+        if nullable == "None" and base in _SCALAR_TYPES:
+            # A typed reference keeps an optional field overridable from flags even when None.
+            value = config_dict.FieldReference(value, field_type=_SCALAR_TYPES[base])
+        elif isinstance(value, YarnScaling):
+            value = ml_collections.ConfigDict(dataclasses.asdict(value))
+        fields[f.name] = value
+    return ml_collections.ConfigDict(fields)
+
+
+def base_config(preset: str) -> ml_collections.ConfigDict:
+    """Every run field with its default; `configs/*.py` files adjust a few."""
+    c = ml_collections.ConfigDict()
+    c.steps = 1000
+    c.batch_size = 16  # global batch, in sequences
+    c.seq_len = 256
+    c.seed = 0
+    # Optimizer: AdamW, linear warm-up then cosine decay to end_lr_ratio · learning_rate.
+    c.learning_rate = 3e-3
+    c.end_lr_ratio = 0.1
+    c.warmup_steps = 50
+    c.weight_decay = 0.1  # matrices only
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.95
+    c.grad_clip_norm = 1.0
+    # DeepSeek-V3 losses and balancing.
+    c.mtp_loss_weight = 0.3  # λ
+    c.balance_loss_alpha = 1e-4  # α
+    c.bias_update_rate = 1e-3  # γ of the sign rule
+    # Logging, evaluation, checkpoints.
+    c.log_every = 10
+    c.eval_every = 200
+    c.eval_batches = 8  # batches per periodic evaluation (0: the whole held-out split)
+    c.final_eval_batches = 0  # the final evaluation (0: the whole held-out split)
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.stop_after = 0  # >0: stop (and checkpoint) after this step; the schedule still uses steps
+    c.peak_flops_per_device = 0.0  # for MFU; 0: look the device up (unknown → MFU not logged)
+    c.model = model_fields(preset)
+    c.data = ml_collections.ConfigDict(dict(
+        source="stdlib",  # "stdlib", a text-file glob, or a .npy/.bin token file
+        tokenizer="byte",  # "byte" or a path to a Hugging Face tokenizer.json
+        heldout_fraction=0.02,
+        heldout_max_tokens=1 << 20,  # token files: cap on the held-out tail
+        token_dtype="uint16",  # .bin token files
+    ))
+    c.mesh = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The validated ModelConfig of `config.model`; ConfigError on an invalid field."""
+    fields = config.model.to_dict()
+    if isinstance(fields.get("rope_scaling"), dict):
+        fields["rope_scaling"] = YarnScaling(**fields["rope_scaling"])
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def _positive_int(config, name):
+    value = config[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config.{name}={value!r} is invalid: must be a positive integer")
+
+
+def check_run(config: ml_collections.ConfigDict) -> None:
+    """Checks the run fields (not the model, data or mesh)."""
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every",
+                 "checkpoint_every", "keep_checkpoints"):
+        _positive_int(config, name)
+    for name in ("warmup_steps", "stop_after", "eval_batches", "final_eval_batches"):
+        if not isinstance(config[name], int) or config[name] < 0:
+            raise ConfigError(f"config.{name}={config[name]!r} is invalid: must be an integer "
+                              ">= 0")
+    for name in ("learning_rate", "grad_clip_norm"):
+        if not (config[name] > 0 and math.isfinite(config[name])):
+            raise ConfigError(f"config.{name}={config[name]!r} is invalid: must be > 0")
+    for name in ("weight_decay", "mtp_loss_weight", "balance_loss_alpha", "bias_update_rate",
+                 "end_lr_ratio"):
+        if not config[name] >= 0:
+            raise ConfigError(f"config.{name}={config[name]!r} is invalid: must be >= 0")
+    if not 0.0 < config.data.heldout_fraction < 1.0:
+        raise ConfigError(f"config.data.heldout_fraction={config.data.heldout_fraction!r} is "
+                          "invalid: must be in (0, 1)")
+
+
+def check_model_fits(config: ml_collections.ConfigDict, model: ModelConfig, tokenizer) -> None:
+    """seq_len within the model's positions; the tokenizer's ids within its vocabulary."""
+    if config.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"config.seq_len={config.seq_len} exceeds the model's "
+                          f"max_position_embeddings={model.max_position_embeddings}")
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"data.tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, "
+                          f"more than config.model.vocab_size={model.vocab_size} (use "
+                          f"--config.model.vocab_size={tokenizer.padded_vocab_size})")
+
+
+def check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Mesh sizes must multiply to the device count (the sharding package gives them meaning)."""
+    unknown = set(config.mesh.keys()) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
+    sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes.values()):
+        raise ConfigError(f"config.mesh={sizes} is invalid: sizes must be positive integers")
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"config.mesh={sizes} multiplies to {math.prod(sizes.values())} "
+                          f"devices but {num_devices} are present (see --cpu_devices)")
+    if num_devices > 1:
+        raise ConfigError(f"config.mesh={sizes}: runs on more than one device need the "
+                          "sharding package (issue 4), which train.py does not use yet")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as config_flags loads it ("file.py:arg" allowed)."""
+    path, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("_run_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def describe_override_error(error: Exception, argv: list[str], default_file: str) -> str:
+    """One line for a failed flag parse, naming an unknown `--config.…` field if that was it."""
+    config_file = default_file
+    for arg in argv:
+        if arg.startswith("--config="):
+            config_file = arg.partition("=")[2]
+    try:
+        config = load_config_file(config_file)
+    except Exception:  # the config file itself is broken: absl's message says how
+        config = None
+    for arg in argv:
+        if not arg.startswith("--config.") or config is None:
+            continue
+        path = arg[2:].partition("=")[0].split(".")[1:]
+        node = config
+        for i, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                where = "config" + "".join("." + k for k in path[:i])
+                known = ", ".join(sorted(node.keys())) if isinstance(
+                    node, ml_collections.ConfigDict) else "none: not a ConfigDict"
+                return (f"unknown config field {'config.' + '.'.join(path[:i + 1])!r} "
+                        f"(fields of {where}: {known})")
+            node = node[key]
+    message = str(error).strip().splitlines()
+    return message[0] if message else type(error).__name__

@@ -1,0 +1,110 @@
+"""The training and evaluation steps: losses, update, the aux-loss-free bias rule, MaxVio.
+
+`make_train_step` returns a pure function `(state, batch) -> (state, metrics)` with no mesh in
+it: under a mesh, the batch and state arrive sharded and XLA partitions the same program. The
+expert counts the model returns are sums over the whole (global) batch, so the bias update sees
+global counts on any mesh.
+
+Loss (REFERENCE §3-4), for tokens [B, T+1] (inputs tokens[:, :T], targets tokens[:, 1:]):
+  L = CE(logits, t_{i+1}) + λ · (1/D) Σ_k CE_k + α · Σ_layers Σ_i f_i P_i
+where MTP depth k's logits at position i predict t_{i+k+2}: positions i ≤ T−k−2 have a target
+inside the window, the last k+1 do not and are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.training.state import TrainState
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position cross-entropy in nats, [B, T] float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def mtp_loss(mtp_logits: tuple[jax.Array, ...], tokens: jax.Array) -> jax.Array:
+    """(1/D) Σ_k mean CE of depth k over the positions whose target t_{i+k+2} exists."""
+    T = tokens.shape[1] - 1
+    losses = []
+    for k, logits in enumerate(mtp_logits):
+        n = T - k - 1  # positions 0..T-k-2
+        if n < 1:
+            continue
+        losses.append(cross_entropy(logits[:, :n], tokens[:, k + 2:]).mean())
+    return sum(losses) / len(losses) if losses else jnp.zeros((), jnp.float32)
+
+
+def update_bias(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+    """Sign rule per MoE layer (row): b_i ← b_i + γ · sign(mean_j c_j − c_i)."""
+    counts = counts.astype(jnp.float32)
+    return bias + rate * jnp.sign(counts.mean(-1, keepdims=True) - counts)
+
+
+def max_violation(counts: jax.Array) -> jax.Array:
+    """MaxVio per MoE layer: max_i c_i / mean_j c_j − 1, [L]."""
+    counts = counts.astype(jnp.float32)
+    return counts.max(-1) / jnp.maximum(counts.mean(-1), 1e-9) - 1.0
+
+
+def make_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule):
+    """The update step: (state, tokens [B, T+1] int32) -> (new state, scalar metrics)."""
+    net = DeepSeekV3(model)
+    lam, alpha, gamma = config.mtp_loss_weight, config.balance_loss_alpha, config.bias_update_rate
+
+    def loss_fn(params, moe_bias, tokens):
+        out = net.apply({"params": params, "moe_bias": moe_bias}, tokens[:, :-1])
+        ce = cross_entropy(out.logits, tokens[:, 1:]).mean()
+        mtp = mtp_loss(out.mtp_logits, tokens)
+        total = ce + lam * mtp + alpha * out.balance_loss
+        return total, (ce, mtp, out.balance_loss, out.expert_counts)
+
+    def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, Any]]:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (total, (ce, mtp, balance, counts)), grads = grad_fn(state.params, state.moe_bias,
+                                                              tokens)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bias = state.moe_bias["e_score_correction_bias"]
+        new_bias = update_bias(bias, counts, gamma) if counts.shape[0] else bias
+        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
+        violation = max_violation(counts) if counts.shape[0] else jnp.zeros((1,))
+        metrics = {
+            "loss": ce,
+            "mtp_loss": mtp,
+            "balance_loss": balance,
+            "total_loss": total,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            "max_violation": violation.mean(),  # mean over MoE layers (main stack and MTP)
+            "max_violation_worst": violation.max(),
+            "bias_abs_mean": jnp.abs(new_bias).mean(),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            moe_bias={**state.moe_bias, "e_score_correction_bias": new_bias},
+            rng=jax.random.key_data(rng))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: ModelConfig):
+    """(params, moe_bias, tokens [B, T+1], mask [B, T]) -> (Σ nats, Σ mask) of the main head."""
+    net = DeepSeekV3(model)
+
+    def eval_step(params, moe_bias, tokens, mask):
+        out = net.apply({"params": params, "moe_bias": moe_bias}, tokens[:, :-1], mtp=False)
+        nats = cross_entropy(out.logits, tokens[:, 1:])
+        return (nats * mask).sum(), mask.sum()
+
+    return eval_step
+

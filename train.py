@@ -1,0 +1,218 @@
+r"""Trains a DeepSeek-V3-style model end to end: data, AdamW, MTP, aux-loss-free balancing,
+checkpoints, evaluation, metrics.
+
+  python train.py                                   # configs/default.py: ~10 min on a 2-core CPU
+  python train.py --workdir=runs/tiny --config=configs/tiny.py --config.steps=200 \
+      --config.model.num_hidden_layers=4            # any config field from the command line
+  python -m dsv3_jax.sample --workdir=runs/default --prompt="def "
+
+A workdir holding checkpoints is resumed from its latest one. SIGTERM or Ctrl-C finishes the
+current step, saves and exits; run the same command again to continue. Bad input (unknown
+config field, mesh/device mismatch, empty data glob, seq_len beyond the model's positions, a
+tokenizer larger than the vocabulary, a workdir of a different model) stops with a one-line
+error and exit status 2 before anything is compiled or written.
+
+The logic lives in `dsv3_jax/training/`; this file is the linear story of one run.
+"""
+
+import os
+import sys
+
+
+def _emulate_cpu_devices(argv: list[str]) -> None:
+    """--cpu_devices=N: N emulated CPU devices. XLA reads this when jax starts, so it is
+    handled here, before anything imports jax (the config files do)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--cpu_devices"):
+            value = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value.isdigit() or int(value) < 1:
+                print(f"train.py: error: --cpu_devices={value!r}: must be a positive integer",
+                      file=sys.stderr)
+                sys.exit(2)
+            kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                    if not f.startswith("--xla_force_host_platform_device_count")]
+            os.environ["XLA_FLAGS"] = " ".join(
+                kept + [f"--xla_force_host_platform_device_count={value}"])
+            os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+_emulate_cpu_devices(sys.argv)
+
+import math  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"), "Run config file (configs/*.py).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Where checkpoints and metrics go (default: runs/<config name>).")
+flags.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices (sets XLA_FLAGS).")
+
+
+def _fail(message: str, status: int = 2) -> None:
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with any failure (e.g. an unknown config field) as a one-line error."""
+    from dsv3_jax.training.run_config import describe_override_error
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # absl and config_flags raise many exception types
+        _fail(describe_override_error(e, argv, os.path.join(_HERE, "configs", "default.py")))
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from dsv3_jax.accounting import flops_per_token
+    from dsv3_jax.training import checkpoint, data, metrics, run_config, state, step
+    from dsv3_jax.training.signals import StopRequest
+    from dsv3_jax.training.tokenizer import load_tokenizer
+
+    config = _CONFIG.value
+    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS["config"])))[0]
+    workdir = _WORKDIR.value or os.path.join("runs", config_name)
+    t_start = time.time()
+
+    # ---------------- Config and input checks: nothing is compiled or written before ---------
+    try:
+        run_config.check_run(config)
+        model = run_config.model_config(config)
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        run_config.check_model_fits(config, model, tokenizer)
+        run_config.check_mesh(config, jax.device_count())
+        checkpoint.check_workdir(workdir, model)
+        corpus = data.load_corpus(config.data, tokenizer)
+        train_ds = data.train_dataset(
+            corpus.train, seq_len=config.seq_len, global_batch=config.batch_size,
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count())
+    except ValueError as e:  # ConfigError and the data/tokenizer checks
+        _fail(str(e))
+    print(f"data: {corpus.description}; {len(corpus.train):,} train tokens, "
+          f"{len(corpus.heldout):,} held-out tokens", flush=True)
+
+    # ---------------- Workdir: config beside the checkpoints, metrics -----------------------
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.write_config(workdir, config)
+    checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+
+    # ---------------- Model, optimizer and train state (restored if the workdir has one) ----
+    tx = state.make_optimizer(config, model)
+    schedule = state.make_schedule(config)
+    train_iter = data.train_iterator(train_ds)
+    train_state, start_step = checkpointer.restore(state.abstract_state(model, tx), train_iter,
+                                                   warn=lambda m: print(m, file=sys.stderr))
+    if train_state is None:
+        # A mesh layer passes out_shardings here (shapes from state.abstract_state).
+        train_state = jax.jit(lambda rng: state.create_state(model, tx, rng))(
+            jax.random.key(config.seed))
+        print(f"model: {model_summary(model)}; starting from scratch", flush=True)
+    else:
+        print(f"model: {model_summary(model)}; resumed from step {start_step}", flush=True)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step)
+
+    # ---------------- Update and evaluation steps --------------------------------------------
+    train_step = jax.jit(step.make_train_step(model, config, tx, schedule), donate_argnums=0)
+    eval_step = jax.jit(step.make_eval_step(model))
+    tokens_per_step = config.batch_size * config.seq_len
+    model_flops = flops_per_token(model, config.seq_len) * tokens_per_step
+    peak = (config.peak_flops_per_device
+            or metrics.peak_flops(jax.devices()[0].device_kind)) * jax.device_count()
+    xz_bpb = data.xz_bits_per_byte(corpus.heldout_text)
+
+    def evaluate(at_step: int, max_batches: int) -> dict:
+        nats, count = jnp.zeros(()), jnp.zeros(())
+        for x, mask in data.eval_batches(corpus.heldout, seq_len=config.seq_len,
+                                         batch_size=config.batch_size, max_batches=max_batches):
+            n, c = eval_step(train_state.params, train_state.moe_bias, x, mask)
+            nats, count = nats + n, count + c
+        loss = float(nats / count)
+        return writer.write(at_step, {
+            "eval_loss": loss,
+            "eval_bits_per_byte": loss / math.log(2) * corpus.heldout_tokens_per_byte,
+            "xz_bits_per_byte": xz_bpb, "eval_tokens": int(count)})
+
+    # ---------------- Training loop ---------------------------------------------------------
+    last_step = min(config.steps, config.stop_after or config.steps)
+    stop = StopRequest().install()
+    progress = metrics.Progress(total=config.steps, initial=start_step)
+    throughput = metrics.Throughput()
+    current = start_step
+    while current < last_step and not stop.requested:
+        batch = next(train_iter)
+        train_state, step_metrics = train_step(train_state, jnp.asarray(batch))
+        current += 1
+        total_loss = float(step_metrics["total_loss"])  # also waits for the step
+        if not math.isfinite(total_loss):
+            checkpointer.close()
+            writer.close()
+            last_good = max(checkpoint.saved_steps(workdir), default=None)
+            _fail(f"non-finite loss ({total_loss}) at step {current}; last good checkpoint: "
+                  f"{last_good if last_good is not None else 'none'} in {workdir}", status=1)
+        progress.update()
+        if current == start_step + 1:
+            throughput.reset()  # the first step includes compilation
+        else:
+            throughput.add(tokens_per_step)
+        if current % config.log_every == 0 or current == last_step:
+            tok_s = throughput.tokens_per_sec()
+            extra = {"tokens_per_sec": tok_s,
+                     "model_flops_per_sec": tok_s / tokens_per_step * model_flops}
+            if peak:
+                extra["mfu"] = extra["model_flops_per_sec"] / peak
+            progress.log(current, writer.write(current, {**step_metrics, **extra}))
+            throughput.reset()
+        if current % config.eval_every == 0 and current < config.steps:
+            t = time.perf_counter()
+            record = evaluate(current, config.eval_batches)
+            progress.print(f"eval @ {current}: loss {record['eval_loss']:.4f}, "
+                           f"{record['eval_bits_per_byte']:.3f} bits/byte (xz -9e {xz_bpb:.3f})")
+            throughput.pause(time.perf_counter() - t)
+        if current % config.checkpoint_every == 0:
+            checkpointer.save(current, train_state, train_iter)
+    progress.close()
+    stop.uninstall()
+
+    # ---------------- Final evaluation, checkpoint, where the results are --------------------
+    checkpointer.save(current, train_state, train_iter)
+    if current < config.steps:
+        checkpointer.close()
+        writer.close()
+        why = f"{stop.signal_name} received" if stop.requested else "config.stop_after reached"
+        print(f"stopped at step {current} of {config.steps} ({why}); checkpoint saved in "
+              f"{workdir}. Run the same command to resume.", flush=True)
+        return
+    if current > start_step:
+        record = evaluate(current, config.final_eval_batches)
+        print(f"final held-out: loss {record['eval_loss']:.4f} nats/token, "
+              f"{record['eval_bits_per_byte']:.3f} bits/byte (xz -9e: {xz_bpb:.3f}) over "
+              f"{record['eval_tokens']:,} tokens", flush=True)
+    checkpointer.close()
+    writer.close()
+    minutes = (time.time() - t_start) / 60
+    print(f"done: {current} steps in {minutes:.1f} min. Results in {workdir}: metrics.jsonl, "
+          f"TensorBoard (tensorboard --logdir {workdir}), checkpoints/. Sample with: "
+          f"python -m dsv3_jax.sample --workdir={workdir} --prompt=\"def \"", flush=True)
+
+
+def model_summary(model) -> str:
+    from dsv3_jax.accounting import count_params
+
+    counts = count_params(model)
+    return (f"{counts['total'] / 1e6:.1f}M parameters ({counts['activated'] / 1e6:.1f}M "
+            f"activated, MTP {counts['mtp'] / 1e6:.1f}M)")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

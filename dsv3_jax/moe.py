@@ -20,8 +20,14 @@ Both use one slot plan (`plan_slots`), which expert parallelism reuses to build 
 
 The correction bias is an input: the model keeps all layers' biases as one [L_moe, E] array in
 the `moe_bias` variable collection, so no optimizer sees it and the sign-rule update is one
-expression over the stacked counts. The layer returns per-expert assignment counts for the sign-rule update and the sequence-wise
-balance loss Σ_i f_i P_i (before α).
+expression over the stacked counts. The layer returns per-expert assignment counts for the
+sign-rule update and the sequence-wise balance loss Σ_i f_i P_i (before α).
+
+Expert parallelism: traced under a mesh (`jax.set_mesh`) whose `expert` axis has more than one
+device, the routed experts run through `sharding.expert_parallel` (all-to-all dispatch and
+combine inside shard_map) instead of the local paths; routing, counts and the balance loss are
+the same global computations either way. Device-limited routing (`expert_shard_limit`) uses
+that axis's size as the number of shards.
 """
 
 from __future__ import annotations
@@ -43,27 +49,58 @@ class Routing(NamedTuple):
     scores: jax.Array  # [N, E] float32 unbiased sigmoid scores
 
 
-def route(logits: jax.Array, bias: jax.Array, config: ModelConfig) -> Routing:
+def _keep_top_groups(biased: jax.Array, groups: int, top: int, keep: int) -> jax.Array:
+    """Masks with −inf all but the `keep` groups (of E/groups consecutive experts) whose
+    `top` highest scores sum highest. [N, E] → [N, E]."""
+    N, E = biased.shape
+    grouped = biased.reshape(N, groups, E // groups)  # [N, G, E/G]
+    group_scores = jax.lax.top_k(grouped, min(top, E // groups))[0].sum(-1)  # [N, G]
+    _, kept = jax.lax.top_k(group_scores, keep)  # [N, keep]
+    mask = jax.nn.one_hot(kept, groups, dtype=jnp.bool_).any(axis=1)  # [N, G]
+    return jnp.where(jnp.repeat(mask, E // groups, axis=1), biased, -jnp.inf)
+
+
+def route(logits: jax.Array, bias: jax.Array, config: ModelConfig,
+          expert_shards: int = 1) -> Routing:
     """Group-limited top-k selection on biased scores, weights from unbiased scores.
+
+    Device-limited routing (V3's node-limited routing, `config.expert_shard_limit` = M): when
+    the experts are split over `expert_shards` > M devices (E/X consecutive experts each), a
+    token may only use experts on the M shards whose top ceil(K/M) biased scores sum highest,
+    bounding how many devices each token is sent to. Applied after group limiting.
 
     Args:
       logits: [N, E] router logits (fp32).
       bias: [E] correction bias.
+      expert_shards: X, devices the experts are split over (the mesh's `expert` axis).
     """
-    E, G, K = config.n_routed_experts, config.n_group, config.num_experts_per_tok
+    G, K = config.n_group, config.num_experts_per_tok
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))  # [N, E]
     biased = scores + bias.astype(jnp.float32)[None, :]
     if G > 1:
-        grouped = biased.reshape(-1, G, E // G)  # [N, G, E/G]
-        group_scores = jax.lax.top_k(grouped, min(2, E // G))[0].sum(-1)  # [N, G]
-        _, kept = jax.lax.top_k(group_scores, config.topk_group)  # [N, topk_group]
-        keep = jax.nn.one_hot(kept, G, dtype=jnp.bool_).any(axis=1)  # [N, G]
-        biased = jnp.where(jnp.repeat(keep, E // G, axis=1), biased, -jnp.inf)
+        biased = _keep_top_groups(biased, G, 2, config.topk_group)
+    M, X = config.expert_shard_limit, expert_shards
+    if M is not None and M < X:
+        _check_shard_limit(config, X)
+        biased = _keep_top_groups(biased, X, -(-K // M), M)
     _, experts = jax.lax.top_k(biased, K)  # [N, K]
     weights = jnp.take_along_axis(scores, experts, axis=1)
     if config.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
     return Routing(weights * config.routed_scaling_factor, experts.astype(jnp.int32), scores)
+
+
+def _check_shard_limit(config: ModelConfig, shards: int) -> None:
+    """Device-limited routing must leave every token K experts to choose from."""
+    E, K, M, G = (config.n_routed_experts, config.num_experts_per_tok,
+                  config.expert_shard_limit, config.n_group)
+    if E % shards or M * (E // shards) < K:
+        raise ValueError(f"ModelConfig.expert_shard_limit={M} with {shards} expert shards of "
+                         f"{E}/{shards} experts leaves fewer than num_experts_per_tok={K}")
+    if config.topk_group < G and shards % G:
+        # Groups that straddle shards could leave fewer than K experts in the intersection.
+        raise ValueError(f"ModelConfig.expert_shard_limit with group-limited routing needs the "
+                         f"expert shards ({shards}) to be a multiple of n_group={G}")
 
 
 def sequence_balance_loss(scores: jax.Array, experts: jax.Array, config: ModelConfig,
@@ -139,6 +176,10 @@ class RoutedExperts(nn.Module):
         self.up_proj = Einsum((E, D, F), ("expert", "embed", "mlp"), c)
         self.down_proj = Einsum((E, F, D), ("expert", "mlp", "embed"), c)
 
+    def kernels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(gate [E, D, F], up [E, D, F], down [E, F, D]): for expert parallelism."""
+        return self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel
+
     def grouped(self, x_blocks: jax.Array, block_expert: jax.Array) -> jax.Array:
         """[P, b, D] token blocks, block p computed by expert block_expert[p]."""
         g = self.gate_proj("PbD,PDF->PbF", x_blocks, select=block_expert)
@@ -150,6 +191,12 @@ class RoutedExperts(nn.Module):
         g = self.gate_proj("ECD,EDF->ECF", x_ecd)
         u = self.up_proj("ECD,EDF->ECF", x_ecd)
         return self.down_proj("ECF,EFD->ECD", jax.nn.silu(g) * u)
+
+
+def expert_shards() -> int:
+    """Size of the `expert` axis of the mesh being traced under (`jax.set_mesh`); 1 without."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
 
 
 class MoE(nn.Module):
@@ -166,25 +213,35 @@ class MoE(nn.Module):
         gate = Einsum((D, E), ("embed", None), c, name="gate")
         tokens = x.reshape(B * T, D)
         logits = matmul("ND,DE->NE", tokens, gate.kernel, jnp.float32)
-        routing = route(logits, bias, c)
+        shards = expert_shards()
+        routing = route(logits, bias, c, expert_shards=shards)
 
         experts = RoutedExperts(c, name="experts")
         N = B * T
-        if c.capacity_factor is None:
-            b = c.expert_block_size
-            plan = plan_slots(routing.experts, E, block=b)
-            x_slots = gather_rows(tokens, plan.token)
-            y_slots = experts.grouped(x_slots.reshape(-1, b, D), plan.block_expert)
+        if shards > 1:
+            # Under a mesh with an `expert` axis: all-to-all expert parallelism. It lives in
+            # sharding/ (which imports this module), hence the import here.
+            from sharding.expert_parallel import routed_experts
+
+            y = routed_experts(tokens, routing, experts.kernels(), c)
+            counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
         else:
-            capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
-            plan = plan_slots(routing.experts, E, capacity=capacity)
-            x_slots = gather_rows(tokens, plan.token)
-            y_slots = experts.batched(x_slots.reshape(E, capacity, D))
-        y_assign = gather_rows(y_slots.reshape(-1, D), plan.slot)  # [N, K, D]
-        y = jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
-        y = y.astype(x.dtype).reshape(B, T, D)
+            if c.capacity_factor is None:
+                b = c.expert_block_size
+                plan = plan_slots(routing.experts, E, block=b)
+                x_slots = gather_rows(tokens, plan.token)
+                y_slots = experts.grouped(x_slots.reshape(-1, b, D), plan.block_expert)
+            else:
+                capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
+                plan = plan_slots(routing.experts, E, capacity=capacity)
+                x_slots = gather_rows(tokens, plan.token)
+                y_slots = experts.batched(x_slots.reshape(E, capacity, D))
+            y_assign = gather_rows(y_slots.reshape(-1, D), plan.slot)  # [N, K, D]
+            y = jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
+            y, counts = y.astype(x.dtype), plan.counts
+        y = y.reshape(B, T, D)
         if c.n_shared_experts:
             y = y + SwiGLU(c.n_shared_experts * c.moe_intermediate_size, c,
                            name="shared_experts")(x)
         balance = sequence_balance_loss(routing.scores, routing.experts, c, B)
-        return y, plan.counts, balance
+        return y, counts, balance

@@ -51,6 +51,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Where checkpoints and metrics go (default: runs/<config name>).")
 flags.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices (sets XLA_FLAGS).")
+# Multi-host: every process runs this same command with its own --process_id.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -77,6 +81,8 @@ def main(argv):
     from dsv3_jax.training import checkpoint, data, metrics, run_config, state, step
     from dsv3_jax.training.signals import StopRequest
     from dsv3_jax.training.tokenizer import load_tokenizer
+    from sharding import mesh as mesh_lib
+    from sharding import state as sharding_state
 
     config = _CONFIG.value
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
@@ -86,11 +92,13 @@ def main(argv):
 
     # ---------------- Config and input checks: nothing is compiled or written before ---------
     try:
+        mesh_lib.initialize_distributed(flags.FLAGS.coordinator_address,
+                                        flags.FLAGS.num_processes, flags.FLAGS.process_id)
         run_config.check_run(config)
         model = run_config.model_config(config)
         tokenizer = load_tokenizer(config.data.tokenizer)
         run_config.check_model_fits(config, model, tokenizer)
-        run_config.check_mesh(config, jax.device_count())
+        run_config.check_mesh(config, jax.device_count(), model)
         checkpoint.check_workdir(workdir, model)
         corpus = data.load_corpus(config.data, tokenizer)
         train_ds = data.train_dataset(
@@ -104,27 +112,43 @@ def main(argv):
 
     # ---------------- Workdir: config beside the checkpoints, metrics -----------------------
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.write_config(workdir, config)
+    if jax.process_index() == 0:  # one writer per run (multi-host: all share the workdir)
+        checkpoint.write_config(workdir, config)
     checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+
+    # ---------------- Mesh: the jitted functions below trace under it (sharding/) --------
+    mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES})
+    on_mesh = lambda fn: sharding_state.on_mesh(fn, mesh, config.mesh.layout)
 
     # ---------------- Model, optimizer and train state (restored if the workdir has one) ----
     tx = state.make_optimizer(config, model)
     schedule = state.make_schedule(config)
     train_iter = data.train_iterator(train_ds)
-    train_state, start_step = checkpointer.restore(state.abstract_state(model, tx), train_iter,
-                                                   warn=lambda m: print(m, file=sys.stderr))
-    if train_state is None:
-        # A mesh layer passes out_shardings here (shapes from state.abstract_state).
-        train_state = jax.jit(lambda rng: state.create_state(model, tx, rng))(
-            jax.random.key(config.seed))
+    abstract_state = state.abstract_state(model, tx)
+    shardings = sharding_state.state_shardings(
+        abstract_state, state.param_partition_specs(model), mesh, config.mesh.layout)
+    train_state, start_step = checkpointer.restore(
+        sharding_state.with_shardings(abstract_state, shardings), train_iter,
+        warn=lambda m: print(m, file=sys.stderr))
+    if train_state is None:  # created shard by shard: no full copy on any one device
+        train_state = on_mesh(jax.jit(lambda rng: state.create_state(model, tx, rng),
+                                      out_shardings=shardings))(jax.random.key(config.seed))
         print(f"model: {model_summary(model)}; starting from scratch", flush=True)
     else:
         print(f"model: {model_summary(model)}; resumed from step {start_step}", flush=True)
-    writer = metrics.MetricWriter(workdir, resume_step=start_step)
+    # Multi-host: process 0 writes the run's metrics; the others log beside them.
+    log_dir = workdir if jax.process_index() == 0 else os.path.join(
+        workdir, f"process_{jax.process_index()}")
+    os.makedirs(log_dir, exist_ok=True)
+    writer = metrics.MetricWriter(log_dir, resume_step=start_step)
 
     # ---------------- Update and evaluation steps --------------------------------------------
-    train_step = jax.jit(step.make_train_step(model, config, tx, schedule), donate_argnums=0)
-    eval_step = jax.jit(step.make_eval_step(model))
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    train_step = on_mesh(jax.jit(
+        step.make_train_step(model, config, tx, schedule), donate_argnums=0,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, mesh_lib.replicated(mesh))))
+    eval_step = on_mesh(jax.jit(step.make_eval_step(model)))
     tokens_per_step = config.batch_size * config.seq_len
     model_flops = flops_per_token(model, config.seq_len) * tokens_per_step
     peak = (config.peak_flops_per_device
@@ -135,7 +159,9 @@ def main(argv):
         nats, count = jnp.zeros(()), jnp.zeros(())
         for x, mask in data.eval_batches(corpus.heldout, seq_len=config.seq_len,
                                          batch_size=config.batch_size, max_batches=max_batches):
-            n, c = eval_step(train_state.params, train_state.moe_bias, x, mask)
+            n, c = eval_step(train_state.params, train_state.moe_bias,
+                             mesh_lib.batch_from_global(x, mesh),
+                             mesh_lib.batch_from_global(mask, mesh))
             nats, count = nats + n, count + c
         loss = float(nats / count)
         return writer.write(at_step, {
@@ -151,7 +177,7 @@ def main(argv):
     current = start_step
     while current < last_step and not stop.requested:
         batch = next(train_iter)
-        train_state, step_metrics = train_step(train_state, jnp.asarray(batch))
+        train_state, step_metrics = train_step(train_state, mesh_lib.global_batch(batch, mesh))
         current += 1
         total_loss = float(step_metrics["total_loss"])  # also waits for the step
         if not math.isfinite(total_loss):

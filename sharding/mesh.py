@@ -141,6 +141,11 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     return True
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device (scalars, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a [B, ...] batch: rows split over data × fsdp × expert."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
@@ -153,3 +158,9 @@ def global_batch(local_rows, mesh: Mesh) -> jax.Array:
     rows (process p the p-th slice), as the device mesh orders processes' devices contiguously.
     """
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows)
+
+
+def batch_from_global(rows, mesh: Mesh) -> jax.Array:
+    """The batch-split global array from the whole batch, present on every process (e.g. the
+    evaluation batches, which every process builds in full)."""
+    return jax.make_array_from_callback(rows.shape, batch_sharding(mesh), lambda i: rows[i])

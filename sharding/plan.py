@@ -160,9 +160,9 @@ def format_plan(report: dict[str, Any], top: int = 8) -> str:
 def _model_and_mesh(flags) -> tuple[ModelConfig, Any]:
     """From --config (a run config with .model and .mesh) or --preset and --mesh."""
     if flags.config is not None:
-        model = flags.config.model.to_dict() if hasattr(flags.config.model, "to_dict") else dict(
-            flags.config.model)
-        return ModelConfig(**model), flags.config.mesh
+        from dsv3_jax.training.run_config import model_config  # (imports grain etc.: CLI only)
+
+        return model_config(flags.config), flags.config.mesh
     mesh = {}
     for item in filter(None, flags.mesh.split(",")):
         axis, _, size = item.partition("=")

@@ -14,6 +14,8 @@ replicated: they are small and global by design.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +78,67 @@ def tree_shardings(abstract: Any, mesh: Mesh, layout: str | Layout) -> Any:
                         is_leaf=lambda x: isinstance(x, P))
 
 
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, layout: str | Layout):
+    """Trace under `mesh` with the layout's activation rules: what makes the model's logical
+    constraints bind and the MoE layers pick expert parallelism."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_layout(layout).activations):
+        yield
+
+
+def on_mesh(fn: Callable, mesh: Mesh, layout: str | Layout) -> Callable:
+    """`fn` (typically jitted) called under `use_mesh`, so it traces under the mesh.
+
+    Preferred to setting the mesh globally: outside these calls, eager code (e.g. `nn.unbox` of
+    abstract shapes) must not see logical rules it would try to apply as constraints.
+    """
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with use_mesh(mesh, layout):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def state_shardings(abstract: Any, param_specs: Any, mesh: Mesh, layout: str | Layout) -> Any:
+    """Shardings for an unboxed tree holding parameter-shaped leaves (e.g. a TrainState).
+
+    A leaf whose path ends with a parameter's path and has that parameter's shape is split like
+    it: by `layout.opt_state` when under `opt_state` (optimizer moments, however deeply optax
+    nests them), else by `layout.params`. Everything else (step, RNG, correction biases,
+    optimizer counters) is replicated.
+
+    Args:
+      abstract: the state's ShapeDtypeStructs (no flax boxes needed).
+      param_specs: the parameters' logical PartitionSpecs (`nn.get_partition_spec` of the boxed
+        parameters), paths relative to the parameter root.
+    """
+    layout = get_layout(layout)
+    shape = dict(mesh.shape)
+    logical = {}
+    for path, spec in jax.tree_util.tree_leaves_with_path(
+            param_specs, is_leaf=lambda x: isinstance(x, P)):
+        logical[tuple(key_name(k) for k in path)] = tuple(spec)
+
+    def sharding(path, leaf):
+        keys = tuple(key_name(k) for k in path)
+        for start in range(len(keys)):
+            names = logical.get(keys[start:])
+            if names is not None and len(names) == len(leaf.shape):
+                rules = layout.opt_state if OPT_STATE_KEY in keys[:start] else layout.params
+                spec = spec_for(names, leaf.shape, rules, shape, name=path_name(path))
+                return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their target shardings (what orbax restores onto)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
 def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, layout: str | Layout,
                    *args) -> Any:
     """Runs `init_fn(*args)` directly into its shardings; returns the unboxed tree.
@@ -85,7 +148,7 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, layout: str | Layout
     model's own constraints and expert parallelism see the same mesh as training will.
     """
     layout = get_layout(layout)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(layout.activations):
+    with use_mesh(mesh, layout):
         abstract = jax.eval_shape(init_fn, *args)
         shardings = tree_shardings(abstract, mesh, layout)
         return jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)

@@ -17,8 +17,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from dsv3_jax.config import ModelConfig, YarnScaling
+from sharding import mesh as mesh_lib
+from sharding import rules
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor", "pipe")
+MESH_AXES = mesh_lib.AXES  # data, fsdp, expert, tensor, pipe
 _SCALAR_TYPES = {"int": int, "float": float}
 
 
@@ -78,7 +80,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
         heldout_max_tokens=1 << 20,  # token files: cap on the held-out tail
         token_dtype="uint16",  # .bin token files
     ))
-    c.mesh = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    # Device mesh sizes (one may be -1) and the sharding layout (sharding/rules.py: dp, fsdp,
+    # zero1). Expert parallelism switches on with mesh.expert > 1.
+    c.mesh = ml_collections.ConfigDict({**{axis: 1 for axis in MESH_AXES}, "layout": "fsdp"})
     return c
 
 
@@ -131,20 +135,29 @@ def check_model_fits(config: ml_collections.ConfigDict, model: ModelConfig, toke
                           f"--config.model.vocab_size={tokenizer.padded_vocab_size})")
 
 
-def check_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Mesh sizes must multiply to the device count (the sharding package gives them meaning)."""
-    unknown = set(config.mesh.keys()) - set(MESH_AXES)
+def check_mesh(config: ml_collections.ConfigDict, num_devices: int,
+               model: ModelConfig | None = None) -> None:
+    """The mesh covers the devices (one size may be -1), names a known layout, and splits the
+    model and the batch evenly (`sharding.mesh`, `sharding.rules`)."""
+    unknown = set(config.mesh.keys()) - set(MESH_AXES) - {"layout"}
     if unknown:
-        raise ConfigError(f"config.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}")
+        raise ConfigError(f"config.mesh has unknown fields {sorted(unknown)}; allowed: "
+                          f"{MESH_AXES} and layout")
     sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
-    if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes.values()):
-        raise ConfigError(f"config.mesh={sizes} is invalid: sizes must be positive integers")
-    if math.prod(sizes.values()) != num_devices:
-        raise ConfigError(f"config.mesh={sizes} multiplies to {math.prod(sizes.values())} "
-                          f"devices but {num_devices} are present (see --cpu_devices)")
-    if num_devices > 1:
-        raise ConfigError(f"config.mesh={sizes}: runs on more than one device need the "
-                          "sharding package (issue 4), which train.py does not use yet")
+    try:
+        shape = mesh_lib.mesh_shape(sizes, num_devices)
+        if shape["pipe"] != 1:
+            raise ValueError(f"pipe={shape['pipe']}: pipeline parallelism is not implemented "
+                             "yet; use pipe=1")
+        rules.get_layout(config.mesh.layout)
+        if model is not None:
+            rules.check_model_fits(model, shape)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    shards = math.prod(shape[a] for a in mesh_lib.BATCH_AXES)
+    if config.batch_size % shards:
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the "
+                          f"{shards} batch shards of config.mesh (data x fsdp x expert)")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

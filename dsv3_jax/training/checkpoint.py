@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 
 import grain
@@ -90,7 +91,7 @@ class Checkpointer:
     """An orbax CheckpointManager over `workdir/checkpoints` with items `state` and `data`."""
 
     def __init__(self, workdir: str, keep: int, *, read_only: bool = False):
-        self.workdir = workdir
+        self.workdir, self.read_only = workdir, read_only
         self._manager = ocp.CheckpointManager(
             os.path.join(workdir, CHECKPOINT_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
@@ -122,10 +123,12 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # any failure to read is treated as a damaged checkpoint
+                _quiet_orphaned_reads()
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                moved = self._move_aside(step)
+                action = ("skipping it" if self.read_only
+                          else f"moved it to {self._move_aside(step)}")
                 warn(f"warning: checkpoint {step} could not be restored ({type(e).__name__}: "
-                     f"{reason}); moved it to {moved} and trying the previous one")
+                     f"{reason}); {action} and trying the previous one")
                 continue
             return restored.state, step
         return None, 0
@@ -148,3 +151,25 @@ class Checkpointer:
     def close(self):
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _quiet_orphaned_reads() -> None:
+    """Silences the echo of a failed restore.
+
+    When one array of a checkpoint fails to read, orbax's event loop closes while tensorstore
+    still completes the other reads; each completion then reports an unraisable
+    "RuntimeError: Event loop is closed" (hundreds of tracebacks for one damaged file). Those,
+    and only those, are dropped; the warning above says what happened.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and \
+                str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook

@@ -1,7 +1,7 @@
 """Per-device memory plan from abstract shapes only: `python -m sharding.plan`.
 
   python -m sharding.plan --config=configs/deepseek_v3_671b.py --config.mesh.expert=64 \\
-      --config.mesh.pipe=16 --config.mesh.data=-1 --devices=2048 --layout=zero1
+      --config.mesh.pipe=16 --config.mesh.data=-1 --config.mesh.layout=zero1 --devices=2048
   python -m sharding.plan --preset=deepseek-v3-671b --mesh=expert=64,pipe=16,data=-1 \\
       --devices=2048 --layout=zero1
 
@@ -179,7 +179,8 @@ def main(argv) -> None:
     if flags.devices is None and -1 in sizes:
         raise app.UsageError("a mesh size of -1 needs --devices")
     devices = flags.devices or math.prod(sizes)
-    report = make_plan(config, mesh, devices, flags.layout)
+    layout = flags.layout or (getattr(mesh, "layout", None) if flags.config else None) or "fsdp"
+    report = make_plan(config, mesh, devices, layout)
     print(json.dumps(report) if flags.json else format_plan(report))
 
 
@@ -193,6 +194,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("preset", "deepseek-v3-671b", "ModelConfig preset (without --config)")
     flags.DEFINE_string("mesh", "", "mesh sizes without --config, e.g. expert=64,pipe=16,data=2")
     flags.DEFINE_integer("devices", None, "device count (default: product of the mesh sizes)")
-    flags.DEFINE_string("layout", "fsdp", "sharding layout: dp, fsdp or zero1")
+    flags.DEFINE_string("layout", None, "sharding layout: dp, fsdp or zero1 (default: the "
+                        "config's mesh.layout, else fsdp)")
     flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
     app.run(main)

@@ -179,12 +179,17 @@ def main(argv):
         batch = next(train_iter)
         train_state, step_metrics = train_step(train_state, mesh_lib.global_batch(batch, mesh))
         current += 1
-        total_loss = float(step_metrics["total_loss"])  # also waits for the step
-        if not math.isfinite(total_loss):
+        # Waits for the step. Non-finite gradients would poison the params even at a finite
+        # loss, so both are checked before anything of this step is saved.
+        total_loss, grad_norm = map(float, jax.device_get(
+            (step_metrics["total_loss"], step_metrics["grad_norm"])))
+        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             checkpointer.close()
             writer.close()
             last_good = max(checkpoint.saved_steps(workdir), default=None)
-            _fail(f"non-finite loss ({total_loss}) at step {current}; last good checkpoint: "
+            what = (f"loss ({total_loss})" if not math.isfinite(total_loss)
+                    else f"gradient norm ({grad_norm})")
+            _fail(f"non-finite {what} at step {current}; last good checkpoint: "
                   f"{last_good if last_good is not None else 'none'} in {workdir}", status=1)
         progress.update()
         if current == start_step + 1:

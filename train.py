@@ -41,7 +41,7 @@ _emulate_cpu_devices(sys.argv)
 import math  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +74,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0
+        logging.set_verbosity(logging.WARNING)
     import jax
     import jax.numpy as jnp
 

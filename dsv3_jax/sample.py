@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
@@ -60,6 +60,8 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # a read-only orbax restore warns and logs a lot
+        logging.set_verbosity(logging.ERROR)
     try:
         text, step = sample(_WORKDIR.value, _PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value,
                             _TOP_P.value, _SEED.value)

@@ -1,16 +1,24 @@
-"""Collectives in a compiled (SPMD-partitioned) HLO module: kind, count and bytes per step.
+"""Per-step statistics of a compiled (SPMD-partitioned) HLO module: collectives and matmul FLOPs.
 
-Each collective's bytes are its per-device result size (for async pairs, the `-done` op's
-result; the `-start` is skipped so nothing counts twice). Ops inside a `while` body run once per
-iteration: the trip count is read from the loop's `known_trip_count` annotation, or else from
-the integer constant its condition compares against (the form `lax.scan` lowers to), and
-multiplies through nested loops and calls.
+XLA's own cost analysis counts a `while` body once, however many times it runs, so a scanned
+61-layer model reports a fraction of its FLOPs. Here every instruction is weighted by how often
+it runs per step: a loop body's trip count is read from its `known_trip_count` annotation, or
+else from the integer constant its condition compares against (the form `lax.scan` lowers to),
+and multiplies through nested loops, fusions and calls.
+
+* Collectives: per-device result bytes of each all-to-all, all-gather, reduce-scatter,
+  all-reduce and collective-permute (for async pairs the `-done` op's result; the `-start` is
+  skipped so nothing counts twice).
+* Matmul FLOPs: 2 × output elements × contracted size, for `dot` (lhs contracting dims) and
+  `convolution` (rhs size over its output-feature dim: TPU lowers matmuls to convolutions).
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute",
@@ -18,9 +26,10 @@ KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
           "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
           "c128": 16}
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 _SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_PARAM = re.compile(r"([\w.\-]+):\s*(\(?[\w\[\],{}:()\s.]*?\]\S*)")
 
 
 class Collective(NamedTuple):
@@ -29,24 +38,32 @@ class Collective(NamedTuple):
     bytes: int  # per device per step
 
 
+class Instruction(NamedTuple):
+    name: str
+    result: str  # result type text, e.g. "bf16[32,256]{1,0:T(8,128)}"
+    op: str
+    rest: str  # operands and attributes
+    shapes: dict  # the computation's {name: result type text}
+
+
+def _dims(text: str) -> list[list[int]]:
+    return [[int(d) for d in dims.split(",") if d] for _, dims in _SHAPE.findall(text)]
+
+
 def _shape_bytes(text: str) -> int:
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _BYTES[dtype]
-    return total
+    return sum(math.prod(d) * _BYTES[t] for t, d in
+               ((t, [int(x) for x in dims.split(",") if x]) for t, dims in _SHAPE.findall(text)))
 
 
-def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+def _split_computations(hlo: str) -> tuple[dict[str, list[str]], dict[str, str], str | None]:
     comps: dict[str, list[str]] = {}
+    headers: dict[str, str] = {}
     entry, current = None, None
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
         if m:
             current = m.group(1)
-            comps[current] = []
+            comps[current], headers[current] = [], m.group(2)
             if line.startswith("ENTRY"):
                 entry = current
         elif current is not None:
@@ -54,51 +71,104 @@ def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
                 current = None
             else:
                 comps[current].append(line)
-    return comps, entry
+    return comps, headers, entry
 
 
-def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
-    m = re.search(r'known_trip_count[^0-9]*(\d+)', line)
+def _trip_count(rest: str, comps: dict[str, list[str]]) -> int:
+    m = re.search(r"known_trip_count[^0-9]*(\d+)", rest)
     if m:
         return int(m.group(1))
-    cond = re.search(r"condition=%?([\w.\-]+)", line)
-    for body_line in comps.get(cond.group(1), []) if cond else []:
-        c = re.search(r"s32\[\]\S*\s+constant\((\d+)\)", body_line)
+    cond = re.search(r"condition=%?([\w.\-]+)", rest)
+    for line in comps.get(cond.group(1), []) if cond else []:
+        c = re.search(r"s32\[\]\S*\s+constant\((\d+)\)", line)
         if c:
             return int(c.group(1))
     return 1
 
 
-def summarize(hlo: str) -> dict[str, Collective]:
-    """{kind: Collective} over the module's entry computation and everything it calls."""
-    comps, entry = _split_computations(hlo)
-    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    seen_stack: list[str] = []
+def walk(hlo: str) -> Iterator[tuple[Instruction, int]]:
+    """Every instruction reachable from the entry computation, with its executions per step."""
+    comps, headers, entry = _split_computations(hlo)
+    stack: list[str] = []
 
-    def visit(name: str, multiplier: int) -> None:
-        if name not in comps or name in seen_stack:
+    def visit(name: str, multiplier: int):
+        if name not in comps or name in stack:
             return
-        seen_stack.append(name)
+        stack.append(name)
+        shapes = {p: t for p, t in _PARAM.findall(headers[name])}
         for line in comps[name]:
             m = _INSTRUCTION.match(line)
             if not m:
                 continue
-            result, op = m.group(1), m.group(2)
-            base = op.removesuffix("-done").removesuffix("-start")
-            if base in KINDS and not op.endswith("-start"):
-                totals[base][0] += multiplier
-                totals[base][1] += multiplier * _shape_bytes(result)
-            if op == "while":
-                trips = _trip_count(line, comps)
-                body = re.search(r"body=%?([\w.\-]+)", line)
+            inst = Instruction(m.group(1), m.group(2), m.group(3), m.group(4), shapes)
+            shapes[inst.name] = inst.result
+            yield inst, multiplier
+            if inst.op == "while":
+                body = re.search(r"body=%?([\w.\-]+)", inst.rest)
                 if body:
-                    visit(body.group(1), multiplier * trips)
+                    yield from visit(body.group(1), multiplier * _trip_count(inst.rest, comps))
             else:
-                for callee in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)",
-                                         line):
-                    visit(callee, multiplier)
-        seen_stack.pop()
+                for callee in re.findall(
+                        r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", inst.rest):
+                    yield from visit(callee, multiplier)
+        stack.pop()
 
     if entry is not None:
-        visit(entry, 1)
+        yield from visit(entry, 1)
+
+
+def summarize(hlo: str) -> dict[str, Collective]:
+    """{kind: Collective} of the collectives a step runs, per device."""
+    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for inst, times in walk(hlo):
+        base = inst.op.removesuffix("-done").removesuffix("-start")
+        if base in KINDS and not inst.op.endswith("-start"):
+            totals[base][0] += times
+            totals[base][1] += times * _shape_bytes(inst.result)
     return {kind: Collective(kind, *totals[kind]) for kind in KINDS if totals[kind][0]}
+
+
+def _operands(inst: Instruction) -> list[str]:
+    head = inst.rest.split(")", 1)[0]
+    return [inst.shapes.get(name.strip().lstrip("%"), "") for name in head.split(",")]
+
+
+def _convolution_macs(attrs: str, lhs: list[int], rhs: list[int]) -> int:
+    """Multiply-adds per output element: input features × the window taps that land on real
+    (not dilation-inserted or padding) input. TPU writes a batched matmul as a convolution whose
+    batch dims are spatial dims with lhs_dilate = window size: one real tap each."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->", attrs)
+    if not labels:
+        return math.prod(rhs)
+    lhs_labels, rhs_labels = labels.groups()
+    macs = rhs[rhs_labels.index("i")] if "i" in rhs_labels else 1
+    window = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+    dilations = [int(x) for x in fields.get("lhs_dilate", "").split("x") if x]
+    for d, label in enumerate(sorted(c for c in rhs_labels if c.isdigit())):
+        size = sizes[d] if d < len(sizes) else rhs[rhs_labels.index(label)]
+        dilate = dilations[d] if d < len(dilations) else 1
+        lhs_size = lhs[lhs_labels.index(label)] if label in lhs_labels else size
+        macs *= max(1, min(-(-size // dilate), lhs_size))
+    return macs
+
+
+def matmul_flops(hlo: str) -> float:
+    """FLOPs per step per device of every dot and convolution (loop trip counts applied)."""
+    total = 0.0
+    for inst, times in walk(hlo):
+        if inst.op not in ("dot", "convolution"):
+            continue
+        out = _dims(inst.result)
+        operands = [_dims(t) for t in _operands(inst)]
+        if not out or len(operands) < 2 or not operands[0] or not operands[1]:
+            continue
+        if inst.op == "dot":
+            lhs = operands[0][0]
+            m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.rest)
+            contracted = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m else 1
+        else:
+            contracted = _convolution_macs(inst.rest, operands[0][0], operands[1][0])
+        total += times * 2.0 * math.prod(out[0]) * contracted
+    return total

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "expert", "tensor", "pipe")  # config names, in config order
@@ -91,8 +92,11 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     if sizes["pipe"] != 1:
         raise ValueError(f"mesh.pipe={sizes['pipe']}: pipeline parallelism is not implemented "
                          "yet; use pipe=1 (sharding.plan accepts pipe > 1 for planning)")
-    return jax.make_mesh([sizes[a] for a in DEVICE_ORDER], DEVICE_ORDER,
-                         axis_types=(AxisType.Auto,) * len(DEVICE_ORDER), devices=devices)
+    # Logical axes may split a physical torus axis (e.g. data=2 × fsdp=2 on a 4-chip ring):
+    # jax.make_mesh refuses that, create_device_mesh allows it and still keeps neighbours close.
+    grid = mesh_utils.create_device_mesh([sizes[a] for a in DEVICE_ORDER], devices,
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, DEVICE_ORDER, axis_types=(AxisType.Auto,) * len(DEVICE_ORDER))
 
 
 def abstract_mesh(mesh_config: Any, num_devices: int) -> AbstractMesh:

@@ -9,14 +9,15 @@ a layout says which mesh axes each name is split over, separately for
   activations the `nn.with_logical_constraint` calls inside the model (flax resolves these)
 
 Rules are resolved in order: for each rule, every still-unassigned dimension with that logical
-name takes the rule's mesh axes minus those the array already uses and those of size 1; a
-dimension the remaining axes do not divide is an error naming the array (`spec_for`). So one
+name takes the rule's mesh axes minus those the array already uses and those of size 1 (axes
+after the first are dropped from the end while they do not divide the size); a dimension its
+first axis does not divide is an error naming the array (`spec_for`). So one
 layout serves every mesh: axes of size 1 vanish from the specs.
 
 Presets (all: batch over data × fsdp × expert, heads/mlp/vocab over tensor, experts over expert):
   dp      parameters and optimizer state replicated over the data-like axes
-  fsdp    (default) parameters, gradients and optimizer state split over fsdp along `embed`
-          (ZeRO-3); the latent projections stay whole apart from that
+  fsdp    (default) parameters, gradients and optimizer state split over fsdp (and, for
+          non-expert weights, expert) along embed, else q_lora, else kv_lora (ZeRO-3)
   zero1   DeepSeek-V3's layout: parameters and gradients as `dp`, optimizer state split over
           data × fsdp × expert along embed / q_lora / kv_lora (ZeRO-1)
 """
@@ -42,7 +43,11 @@ FIELD_OF = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_attenti
 
 _EXPERTS: Rules = (("expert", "expert"),)  # first, so experts claim `expert` before ZeRO does
 _TENSOR: Rules = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
-_ZERO3: Rules = (("embed", "fsdp"),)
+# ZeRO-3: every weight split over fsdp along its first of embed / q_lora / kv_lora, and over the
+# expert axis too for non-expert weights (EP ranks are data-parallel ranks for attention and dense
+# layers, as in V3), where the size divides.
+_ZERO3: Rules = (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
+                 ("kv_lora", ("fsdp", "expert")))
 _ZERO1: Rules = (("embed", BATCH_AXES), ("q_lora", BATCH_AXES), ("kv_lora", BATCH_AXES))
 ACTIVATIONS: Rules = (("batch", BATCH_AXES),) + _TENSOR + _EXPERTS
 
@@ -98,6 +103,9 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], rules: Rules,
             if logical_name != rule_name or assigned[dim] is not None:
                 continue
             chosen = tuple(a for a in wanted if a not in used and mesh_shape.get(a, 1) > 1)
+            # Axes after the first are opportunistic: drop them from the end until it divides.
+            while len(chosen) > 1 and shape[dim] % math.prod(mesh_shape[a] for a in chosen):
+                chosen = chosen[:-1]
             if not chosen:
                 continue
             ways = math.prod(mesh_shape[a] for a in chosen)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sharding.collectives import summarize
+from sharding.hlo_stats import summarize
 
 
 def _mesh():

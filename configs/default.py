@@ -1,6 +1,13 @@
-r"""The small preset (~60M parameters, ~12M activated) on the standard-library corpus.
+r"""The run `python train.py` does with no flags: about 10 minutes on a 2-core CPU.
 
-  python train.py --config=configs/small.py --workdir=runs/small
+  python train.py                         # workdir runs/default
+  python -m dsv3_jax.sample --workdir=runs/default --prompt="def "
+
+The small preset's architecture (MLA with q/kv compression, 1 dense + MoE layers with a shared
+expert and group-limited sigmoid routing, YaRN, one MTP module) narrowed to what two CPU cores
+train in minutes: width 192, 4 layers, 16 experts of which 2 are active. The preset itself
+(52M parameters, 10.8M activated) runs at ~600 tokens/s on two cores, ~85 steps in 10 minutes;
+this one at ~4,000 tokens/s (measured with the CPU otherwise idle), 500 steps of 4,096 tokens.
 """
 
 from dsv3_jax.training.run_config import base_config
@@ -8,13 +15,18 @@ from dsv3_jax.training.run_config import base_config
 
 def get_config():
     c = base_config("small")
-    c.steps = 2000
+    c.model.update(dict(
+        hidden_size=192, intermediate_size=512, moe_intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, n_routed_experts=16,
+        num_experts_per_tok=2, n_group=4, topk_group=2, expert_block_size=64))
+    c.steps = 500
     c.batch_size = 16
     c.seq_len = 256
-    c.learning_rate = 3e-3
-    c.warmup_steps = 100
-    c.log_every = 10
-    c.eval_every = 250
+    c.learning_rate = 5e-3
+    c.warmup_steps = 30
+    c.log_every = 25
+    c.eval_every = 100
     c.eval_batches = 8
-    c.checkpoint_every = 250
+    c.final_eval_batches = 0  # the whole held-out split
+    c.checkpoint_every = 100
     return c

@@ -17,7 +17,8 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--cpu_devices=1", "--config=configs/tiny.py", "--config.model.num_hidden_layers=2",
+TRAIN = os.path.join(REPO, "train.py")
+ARGS = ["--cpu_devices=1", f"--config={REPO}/configs/tiny.py", "--config.model.num_hidden_layers=2",
         "--config.batch_size=4", "--config.seq_len=32", "--config.steps=12",
         "--config.warmup_steps=2", "--config.learning_rate=1e-2", "--config.log_every=1",
         "--config.eval_every=8", "--config.eval_batches=2", "--config.final_eval_batches=2",
@@ -48,9 +49,17 @@ def env():
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+def command(workdir, *extra) -> tuple[list[str], str]:
+    """train.py with `workdir` given relative to the directory it runs in (orbax itself needs
+    absolute paths: this keeps that conversion tested)."""
+    parent, name = os.path.split(workdir)
+    return [sys.executable, TRAIN, f"--workdir={name}", *ARGS, *extra], parent
+
+
 def train(workdir, *extra, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *ARGS, *extra],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    cmd, cwd = command(workdir, *extra)
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def records(workdir) -> list[dict]:
@@ -105,7 +114,7 @@ def test_end_to_end_run(reference):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(
         os.path.join(workdir, "tensorboard")))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6", "9"]
-    assert f"python -m dsv3_jax.sample --workdir={workdir}" in result.stdout
+    assert "python -m dsv3_jax.sample --workdir=run" in result.stdout
 
 
 def test_sample_from_the_run(reference):
@@ -157,9 +166,8 @@ def test_corrupted_latest_checkpoint_falls_back(reference, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "train.py", f"--workdir={workdir}", *ARGS, "--config.steps=100000",
-           "--config.checkpoint_every=100000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+    cmd, cwd = command(workdir, "--config.steps=100000", "--config.checkpoint_every=100000")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300

@@ -117,3 +117,20 @@ def test_train_step_updates_params_and_biases_and_counts_steps():
     # The optimizer never sees the biases: they are not in params.
     assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(s1.params))
     assert optax.global_norm(jax.tree.map(lambda a, b: a - b, s1.params, copy.params)) > 0
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "small", "deepseek_v3_671b"])
+def test_every_config_file_loads_and_validates(name):
+    import os
+
+    from dsv3_jax.training.tokenizer import ByteTokenizer
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+    config = run_config.load_config_file(path)
+    run_config.check_run(config)
+    model = run_config.model_config(config)
+    run_config.check_model_fits(config, model, ByteTokenizer())
+    with open(path) as f:
+        assert "python train.py" in f.read().split('"""')[1]  # the docstring holds the command
+    if name == "deepseek_v3_671b":
+        assert (model.hidden_size, model.n_routed_experts, config.seq_len) == (7168, 256, 4096)

@@ -91,9 +91,10 @@ class Checkpointer:
     """An orbax CheckpointManager over `workdir/checkpoints` with items `state` and `data`."""
 
     def __init__(self, workdir: str, keep: int, *, read_only: bool = False):
-        self.workdir, self.read_only = workdir, read_only
+        # orbax (tensorstore) needs absolute paths; the workdir may be given relative.
+        self.workdir, self.read_only = os.path.abspath(workdir), read_only
         self._manager = ocp.CheckpointManager(
-            os.path.join(workdir, CHECKPOINT_DIR),
+            os.path.join(self.workdir, CHECKPOINT_DIR),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                                  read_only=read_only,
                                                  enable_async_checkpointing=True),

@@ -53,7 +53,7 @@ CHIPS = {
     "v4": Chip("TPU v4", 275e12, 32 * GiB, 1.2e12),
     "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 0.819e12),
     "v5p": Chip("TPU v5p", 459e12, int(95.74 * GiB), 2.765e12),  # as libtpu reports
-    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1.64e12),
+    "v6e": Chip("TPU v6e", 918e12, int(31.25 * GiB), 1.64e12),  # as libtpu reports
 }
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 

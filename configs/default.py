@@ -8,6 +8,11 @@ expert and group-limited sigmoid routing, YaRN, one MTP module) narrowed to what
 train in minutes: width 192, 4 layers, 16 experts of which 2 are active. The preset itself
 (52M parameters, 10.8M activated) runs at ~600 tokens/s on two cores, ~85 steps in 10 minutes;
 this one at ~4,000 tokens/s (measured with the CPU otherwise idle), 500 steps of 4,096 tokens.
+
+Measured (CPython 3.11 stdlib, 16 of 734 files held out): held-out 2.15 bits/byte after 2.0M
+tokens; xz -9e reaches 1.91 on the same held-out bytes. MaxVio falls from ~5 to 0.6. Tried and
+worse at equal steps: learning_rate 1e-2 with bias_update_rate 1e-2 (2.70 vs 2.52 bits/byte at
+step 300), batch 8 at learning_rate 1e-2.
 """
 
 from dsv3_jax.training.run_config import base_config

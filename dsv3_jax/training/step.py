@@ -82,7 +82,7 @@ def make_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
             "mtp_loss": mtp,
             "balance_loss": balance,
             "total_loss": total,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),  # before clipping
             "lr": schedule(state.step),
             "max_violation": violation.mean(),  # mean over MoE layers (main stack and MTP)
             "max_violation_worst": violation.max(),

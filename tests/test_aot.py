@@ -88,6 +88,24 @@ def test_matmul_flops_of_a_scanned_tpu_program_count_every_iteration():
     assert compiled.cost_analysis()["flops"] < 0.5 * expected
 
 
+@pytest.mark.slow
+def test_remat_and_compute_dtype_change_the_temporaries():
+    from configs import small
+
+    temporaries = {}
+    for remat, dtype in [("none", "float32"), ("full", "float32"), ("full", "bfloat16")]:
+        config = small.get_config()
+        config.model.update(num_hidden_layers=4, remat_policy=remat, dtype=dtype)
+        config.mesh.data = 4
+        chip, chips = aot.parse_topology("v5p:2x2x1")
+        devices = aot.tpu_devices("v5p:2x2x1")
+        compiled, model, _, _ = aot.compile_train_step(config, devices)
+        report = aot.analyze(compiled, config, model, chip, chips, len(devices))
+        temporaries[remat, dtype] = report["memory_per_device_bytes"]["temporaries"]
+    assert temporaries["full", "float32"] < 0.8 * temporaries["none", "float32"], temporaries
+    assert temporaries["full", "bfloat16"] < 0.9 * temporaries["full", "float32"], temporaries
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "sharding.aot", "--config=configs/tiny.py",
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -53,11 +53,8 @@ class Einsum(nn.Module):
         self.kernel = self.param("kernel", init, tuple(self.shape),
                                  dtype_of(self.config.param_dtype))
 
-    def __call__(self, eqn: str, x: Array, select: Array | None = None) -> Array:
-        """Contracts x with the weight; `select` gathers rows of its leading axis first
-        (the grouped expert matmul picks one expert's weight per token block)."""
-        w = self.kernel if select is None else self.kernel[select]
-        return matmul(eqn, x, w, dtype_of(self.config.dtype), self.out_dtype)
+    def __call__(self, eqn: str, x: Array) -> Array:
+        return matmul(eqn, x, self.kernel, dtype_of(self.config.dtype), self.out_dtype)
 
 
 class RMSNorm(nn.Module):

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Einsum, SwiGLU, matmul
+from dsv3_jax.layers import Einsum, SwiGLU, dtype_of, matmul
 
 
 class Routing(NamedTuple):
@@ -159,9 +159,28 @@ def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None
     return SlotPlan(slot.reshape(N, K), token, counts, block_expert)
 
 
-def gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x[index] where index == len(x) selects a zero row (empty slot / dropped assignment)."""
-    return jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)[index]
+def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
+    """x[index] along axis 0, where index == len(x) selects a row of `fill` (an empty slot or
+    dropped assignment)."""
+    pad = jnp.full((1,) + x.shape[1:], fill, x.dtype)
+    return jnp.concatenate([x, pad], axis=0)[index]
+
+
+def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, kernels, dtype) -> jax.Array:
+    """[P, b, D] token blocks, block p through expert block_expert[p] of
+    kernels = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's weights gathered."""
+    gate, up, down = (k[block_expert] for k in kernels)
+    g = matmul("PbD,PDF->PbF", x_blocks, gate, dtype)
+    u = matmul("PbD,PDF->PbF", x_blocks, up, dtype)
+    return matmul("PbF,PFD->PbD", jax.nn.silu(g) * u, down, dtype)
+
+
+def batched_swiglu(x_ecd: jax.Array, kernels, dtype) -> jax.Array:
+    """[E, C, D] per-expert slots through the E experts of `kernels` (as `grouped_swiglu`)."""
+    gate, up, down = kernels
+    g = matmul("ECD,EDF->ECF", x_ecd, gate, dtype)
+    u = matmul("ECD,EDF->ECF", x_ecd, up, dtype)
+    return matmul("ECF,EFD->ECD", jax.nn.silu(g) * u, down, dtype)
 
 
 class RoutedExperts(nn.Module):
@@ -177,20 +196,18 @@ class RoutedExperts(nn.Module):
         self.down_proj = Einsum((E, F, D), ("expert", "mlp", "embed"), c)
 
     def kernels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(gate [E, D, F], up [E, D, F], down [E, F, D]): for expert parallelism."""
+        """(gate [E, D, F], up [E, D, F], down [E, F, D]). The expert matmuls go straight through
+        `layers.matmul` on these (with a per-block gather in the dropless path), locally and
+        under expert parallelism alike."""
         return self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel
 
     def grouped(self, x_blocks: jax.Array, block_expert: jax.Array) -> jax.Array:
         """[P, b, D] token blocks, block p computed by expert block_expert[p]."""
-        g = self.gate_proj("PbD,PDF->PbF", x_blocks, select=block_expert)
-        u = self.up_proj("PbD,PDF->PbF", x_blocks, select=block_expert)
-        return self.down_proj("PbF,PFD->PbD", jax.nn.silu(g) * u, select=block_expert)
+        return grouped_swiglu(x_blocks, block_expert, self.kernels(), dtype_of(self.config.dtype))
 
     def batched(self, x_ecd: jax.Array) -> jax.Array:
-        """[E, C, D] per-expert slots (capacity mode and expert parallelism)."""
-        g = self.gate_proj("ECD,EDF->ECF", x_ecd)
-        u = self.up_proj("ECD,EDF->ECF", x_ecd)
-        return self.down_proj("ECF,EFD->ECD", jax.nn.silu(g) * u)
+        """[E, C, D] per-expert slots (capacity mode)."""
+        return batched_swiglu(x_ecd, self.kernels(), dtype_of(self.config.dtype))
 
 
 def expert_shards() -> int:

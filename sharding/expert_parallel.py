@@ -35,8 +35,9 @@ implemented on XLA:CPU) every buffer has a fixed size:
 What travels: token rows in the compute dtype, ids (int32) and weights (fp32) out; per-token
 partial sums in the compute dtype back (V3 combines in BF16 as well).
 
-Limitation: the experts' matmuls call `layers.matmul` on the raw kernels; a precision recipe
-that keeps per-module state inside `layers.Einsum` must also be applied here.
+The expert SwiGLU is the model's own (`moe.grouped_swiglu` / `moe.batched_swiglu` over the raw
+kernels, through `layers.matmul`), the same code the local paths run; a precision recipe that
+keeps per-module state must cover those two functions.
 """
 
 from __future__ import annotations
@@ -49,32 +50,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import dtype_of, matmul
-from dsv3_jax.moe import Routing, gather_rows, plan_slots
+from dsv3_jax.layers import dtype_of
+from dsv3_jax.moe import Routing, batched_swiglu, gather_rows, grouped_swiglu, plan_slots
 from sharding.mesh import BATCH_AXES
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
-
-
-def _take_rows(x: jax.Array, index: jax.Array, fill) -> jax.Array:
-    """x[index] along axis 0, where index == len(x) selects a row of `fill`."""
-    pad = jnp.full((1,) + x.shape[1:], fill, x.dtype)
-    return jnp.concatenate([x, pad], axis=0)[index]
-
-
-def _swiglu_blocks(x_blocks, block_expert, w_gate, w_up, w_down, dtype):
-    """[P, b, D] token blocks, block p through local expert block_expert[p]."""
-    g = matmul("PbD,PDF->PbF", x_blocks, w_gate[block_expert], dtype)
-    u = matmul("PbD,PDF->PbF", x_blocks, w_up[block_expert], dtype)
-    return matmul("PbF,PFD->PbD", jax.nn.silu(g) * u, w_down[block_expert], dtype)
-
-
-def _swiglu_batched(x_ecd, w_gate, w_up, w_down, dtype):
-    """[El, C, D] per-expert slots through the El local experts."""
-    g = matmul("ECD,EDF->ECF", x_ecd, w_gate, dtype)
-    u = matmul("ECD,EDF->ECF", x_ecd, w_up, dtype)
-    return matmul("ECF,EFD->ECD", jax.nn.silu(g) * u, w_down, dtype)
 
 
 def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: ModelConfig,
@@ -108,8 +89,8 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
     to_shards = functools.partial(jax.lax.all_to_all, axis_name=EXPERT_AXIS, split_axis=0,
                                   concat_axis=0, tiled=True)
     x_recv = to_shards(gather_rows(x.astype(dtype), slot_token))  # [X, C, D]
-    ids_recv = to_shards(_take_rows(experts, slot_token, -1))  # [X, C, K]
-    w_recv = to_shards(_take_rows(weights, slot_token, 0.0))  # [X, C, K]
+    ids_recv = to_shards(gather_rows(experts, slot_token, -1))  # [X, C, K]
+    w_recv = to_shards(gather_rows(weights, slot_token, 0.0))  # [X, C, K]
 
     # 3. This shard's assignments into slots; the extra bin El collects the others' experts.
     R = X * C
@@ -124,7 +105,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
         # Blocks of the "elsewhere" bin are computed (static shapes) but never read back.
         block_expert = jnp.minimum(plan.block_expert, El - 1)
         x_blocks = gather_rows(x_r, plan.token).reshape(-1, b, D)
-        y_slots = _swiglu_blocks(x_blocks, block_expert, w_gate, w_up, w_down, dtype)
+        y_slots = grouped_swiglu(x_blocks, block_expert, (w_gate, w_up, w_down), dtype)
         y_slots = y_slots.reshape(-1, D)
         slot = jnp.where(mine, plan.slot, y_slots.shape[0])
     else:
@@ -132,7 +113,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
         plan = plan_slots(local, El + 1, capacity=capacity)
         kept = El * capacity  # the "elsewhere" bin's slots come last and are not computed
         x_slots = gather_rows(x_r, plan.token[:kept]).reshape(El, capacity, D)
-        y_slots = _swiglu_batched(x_slots, w_gate, w_up, w_down, dtype).reshape(kept, D)
+        y_slots = batched_swiglu(x_slots, (w_gate, w_up, w_down), dtype).reshape(kept, D)
         slot = jnp.where(mine & (plan.slot < kept), plan.slot, kept)
     y_assign = gather_rows(y_slots, slot)  # [R, K, D]; zero rows for others' / dropped
     y_part = jnp.einsum("RKD,RK->RD", y_assign.astype(jnp.float32), jnp.where(mine, w, 0.0))

@@ -123,18 +123,14 @@ def main(argv):
     on_mesh = lambda fn: sharding_state.on_mesh(fn, mesh, config.mesh.layout)
 
     # ---------------- Model, optimizer and train state (restored if the workdir has one) ----
-    tx = state.make_optimizer(config, model)
-    schedule = state.make_schedule(config)
+    placed = sharding_state.place_train_step(model, config, mesh)  # optimizer, shardings, step
     train_iter = data.train_iterator(train_ds)
-    abstract_state = state.abstract_state(model, tx)
-    shardings = sharding_state.state_shardings(
-        abstract_state, state.param_partition_specs(model), mesh, config.mesh.layout)
     train_state, start_step = checkpointer.restore(
-        sharding_state.with_shardings(abstract_state, shardings), train_iter,
-        warn=lambda m: print(m, file=sys.stderr))
+        placed.abstract_state, train_iter, warn=lambda m: print(m, file=sys.stderr))
     if train_state is None:  # created shard by shard: no full copy on any one device
-        train_state = on_mesh(jax.jit(lambda rng: state.create_state(model, tx, rng),
-                                      out_shardings=shardings))(jax.random.key(config.seed))
+        train_state = on_mesh(jax.jit(lambda rng: state.create_state(model, placed.tx, rng),
+                                      out_shardings=placed.shardings))(
+            jax.random.key(config.seed))
         print(f"model: {model_summary(model)}; starting from scratch", flush=True)
     else:
         print(f"model: {model_summary(model)}; resumed from step {start_step}", flush=True)
@@ -145,11 +141,7 @@ def main(argv):
     writer = metrics.MetricWriter(log_dir, resume_step=start_step)
 
     # ---------------- Update and evaluation steps --------------------------------------------
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = on_mesh(jax.jit(
-        step.make_train_step(model, config, tx, schedule), donate_argnums=0,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, mesh_lib.replicated(mesh))))
+    train_step = on_mesh(placed.step)
     eval_step = on_mesh(jax.jit(step.make_eval_step(model)))
     tokens_per_step = config.batch_size * config.seq_len
     model_flops = flops_per_token(model, config.seq_len) * tokens_per_step

@@ -112,7 +112,7 @@ def compile_train_step(config, devices: list):
     """
     import jax
 
-    from dsv3_jax.training import run_config, state, step
+    from dsv3_jax.training import run_config
     from sharding import mesh as mesh_lib
     from sharding import state as sharding_state
 
@@ -120,20 +120,13 @@ def compile_train_step(config, devices: list):
     run_config.check_run(config)
     run_config.check_mesh(config, len(devices), model)
     mesh = mesh_lib.make_mesh({a: config.mesh[a] for a in mesh_lib.AXES}, devices=devices)
-    tx = state.make_optimizer(config, model)
-    abstract = state.abstract_state(model, tx)
-    shardings = sharding_state.state_shardings(
-        abstract, state.param_partition_specs(model), mesh, config.mesh.layout)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(step.make_train_step(model, config, tx, state.make_schedule(config)),
-                         donate_argnums=0, in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, mesh_lib.replicated(mesh)))
-    args = (sharding_state.with_shardings(abstract, shardings),
+    placed = sharding_state.place_train_step(model, config, mesh)
+    args = (placed.abstract_state,
             jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jax.numpy.int32,
-                                 sharding=batch_sharding))
+                                 sharding=placed.batch_sharding))
     start = time.perf_counter()
     with sharding_state.use_mesh(mesh, config.mesh.layout):
-        lowered = train_step.lower(*args)
+        lowered = placed.step.lower(*args)
         try:
             compiled = lowered.compile()
         except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
-from sharding.mesh import batch_shards
+from sharding.mesh import batch_sharding, batch_shards, replicated
 from sharding.rules import Layout, check_model_fits, get_layout, spec_for
 
 OPT_STATE_KEY = "opt_state"
@@ -171,3 +171,33 @@ def init_model_variables(config: ModelConfig, rng: jax.Array, mesh: Mesh,
     """
     check_model_fits(config, dict(mesh.shape))
     return create_sharded(model_init_fn(config, batch_shards(mesh)), mesh, layout, rng)
+
+
+class PlacedTrainStep(NamedTuple):
+    """train.py's update step placed on a mesh (what train.py runs and sharding.aot compiles)."""
+
+    step: Callable  # jitted (state, tokens [B, T+1]) -> (state, metrics); state donated
+    tx: Any  # the optimizer
+    abstract_state: Any  # the TrainState's ShapeDtypeStructs, carrying their shardings
+    shardings: Any  # the TrainState's NamedShardings
+    batch_sharding: NamedSharding
+
+
+def place_train_step(model: ModelConfig, config: Any, mesh: Mesh) -> PlacedTrainStep:
+    """Optimizer, state shardings and the jitted update step of a run config on `mesh`.
+
+    The step must be called (or lowered) under `use_mesh(mesh, config.mesh.layout)`.
+    """
+    from dsv3_jax.training import state as train_state  # (optax etc.: not needed for plans)
+    from dsv3_jax.training import step as train_step
+
+    tx = train_state.make_optimizer(config, model)
+    abstract = train_state.abstract_state(model, tx)
+    shardings = state_shardings(abstract, train_state.param_partition_specs(model), mesh,
+                                config.mesh.layout)
+    batch = batch_sharding(mesh)
+    step = jax.jit(train_step.make_train_step(model, config, tx,
+                                              train_state.make_schedule(config)),
+                   donate_argnums=0, in_shardings=(shardings, batch),
+                   out_shardings=(shardings, replicated(mesh)))
+    return PlacedTrainStep(step, tx, with_shardings(abstract, shardings), shardings, batch)

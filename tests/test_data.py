@@ -3,6 +3,8 @@ per-process sharding, resumable iterator state), evaluation windows, the xz refe
 No model is compiled here."""
 
 import hashlib
+import lzma
+import math
 import os
 import random
 
@@ -11,13 +13,13 @@ import numpy as np
 import pytest
 
 from dsv3_jax.training import data
-from dsv3_jax.training.tokenizer import ByteTokenizer, load_tokenizer, padded
+from dsv3_jax.training.tokenizer import ByteTokenizer, NotUTF8Error, load_tokenizer, padded
 
 
 def data_config(source, **kw):
-    return ml_collections.ConfigDict(dict(source=source, tokenizer="byte", heldout_fraction=0.02,
-                                          heldout_max_tokens=1 << 20, token_dtype="uint16",
-                                          **kw))
+    return ml_collections.ConfigDict(dict(dict(source=source, tokenizer="byte",
+                                               heldout_fraction=0.02, heldout_max_tokens=1 << 20,
+                                               token_dtype="uint16"), **kw))
 
 
 # ---- split --------------------------------------------------------------------------------
@@ -97,6 +99,111 @@ def test_token_file_source(tmp_path, suffix):
         data.load_corpus(data_config(bad), ByteTokenizer())
 
 
+# ---- non-UTF-8 text: bits/byte and xz count the files' original bytes ---------------------
+
+def latin1_bytes(n: int, seed: int = 0) -> bytes:
+    """n bytes of Latin-1 text with accented letters (bytes > 0x7F), not valid UTF-8."""
+    rng = random.Random(seed)
+    words = ["caf\xe9", "na\xefve", "gar\xe7on", "\xfcber", "se\xf1or", "def", "return", "x"]
+    text = " ".join(rng.choice(words) for _ in range(n)).encode("latin-1")[:n]
+    with pytest.raises(UnicodeDecodeError):
+        text.decode("utf-8")
+    return text
+
+
+def xz_of(raw: bytes) -> float:  # the preset data.xz_bits_per_byte documents (xz -9e)
+    return 8.0 * len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)) / len(raw)
+
+
+def test_latin1_file_byte_tokenizer_reads_raw_bytes(tmp_path):
+    raw = latin1_bytes(20_000)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "latin1.txt").write_bytes(raw)
+    corpus = data.load_corpus(data_config(str(tmp_path / "one" / "*.txt"),
+                                          heldout_fraction=0.1), ByteTokenizer())
+    # Tail split of one file: the tokens are the file's bytes, then one separator.
+    stream = np.concatenate([corpus.train, corpus.heldout])
+    assert stream[-1] == 256 and (stream == 256).sum() == 1
+    assert stream[:-1].astype(np.uint8).tobytes() == raw
+    assert len(stream) - 1 == os.path.getsize(tmp_path / "one" / "latin1.txt")  # 1 token/byte
+    tail = raw[len(corpus.train):]
+    assert corpus.heldout_text == tail and corpus.heldout_bytes == len(tail)
+    assert corpus.heldout_tokens_per_byte == (len(tail) + 1) / len(tail)  # + the separator
+    assert data.xz_bits_per_byte(corpus.heldout_text) == xz_of(tail)
+    # File-level split: the held-out files' bytes, unchanged.
+    for i in range(100):
+        (tmp_path / f"doc{i:03d}.txt").write_bytes(latin1_bytes(300, seed=i))
+    split = data.load_corpus(data_config(str(tmp_path / "*.txt"), heldout_fraction=0.1),
+                             ByteTokenizer())
+    held = [f"doc{i:03d}.txt" for i in range(100) if data.is_heldout(f"doc{i:03d}.txt", 0.1)]
+    assert 0 < len(held) < 100
+    held_raw = b"".join((tmp_path / h).read_bytes() for h in held)
+    assert split.heldout_text == held_raw and split.heldout_bytes == 300 * len(held)
+    assert split.heldout[split.heldout < 256].astype(np.uint8).tobytes() == held_raw
+    assert data.xz_bits_per_byte(split.heldout_text) == xz_of(held_raw)
+    # Pre-tokenized byte ids: the held-out bytes are the ids themselves.
+    path = str(tmp_path / "latin1.npy")
+    np.save(path, np.frombuffer(raw, np.uint8).astype(np.uint16))
+    tokens = data.load_corpus(data_config(path, heldout_fraction=0.1), ByteTokenizer())
+    assert tokens.heldout_text == raw[-len(tokens.heldout):] == tokens.heldout_text
+
+
+def test_heldout_bits_per_byte_by_hand(tmp_path):
+    # 1000 Latin-1 bytes, held-out fraction 0.1: the stream is 1000 bytes + 1 separator = 1001
+    # tokens, the last int(100.1) = 100 held out: bytes 901..999 (99 bytes) and the separator.
+    raw = latin1_bytes(1000, seed=3)
+    assert max(raw[901:]) > 0x7F  # the held-out tail has non-ASCII bytes (the old bug's case)
+    (tmp_path / "f.txt").write_bytes(raw)
+    corpus = data.load_corpus(data_config(str(tmp_path / "f.txt"), heldout_fraction=0.1),
+                              ByteTokenizer())
+    assert corpus.heldout_bytes == 99 and corpus.heldout_text == raw[901:]
+    assert len(corpus.heldout) == 100
+    # A uniform model over the 257 ids: ln 257 nats on every predicted token. train.py's
+    # evaluate(): mean nats per token / ln 2 × held-out tokens per byte.
+    nats = count = 0.0
+    for _, mask in data.eval_batches(corpus.heldout, seq_len=16, batch_size=2):
+        nats, count = nats + mask.sum() * math.log(257), count + mask.sum()
+    assert count == 99  # every held-out token but the first is predicted
+    loss = nats / count
+    bits_per_byte = loss / math.log(2) * corpus.heldout_tokens_per_byte
+    # By hand: that mean over all 100 held-out tokens, in bits, over the 99 original bytes.
+    assert bits_per_byte == pytest.approx(100 * math.log2(257) / 99, rel=1e-12)
+    assert bits_per_byte == pytest.approx(loss * len(corpus.heldout) / math.log(2) / 99,
+                                          rel=1e-12)
+
+
+def word_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, "caf\xe9": 2, "w": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    return load_tokenizer(path)
+
+
+def test_text_tokenizer_rejects_non_utf8_naming_the_file(tmp_path):
+    tok = word_tokenizer(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("caf\xe9 w w\n", encoding="utf-8")
+    ok = data.load_corpus(data_config(str(tmp_path / "docs" / "*.txt")), tok)
+    np.testing.assert_array_equal(np.concatenate([ok.train, ok.heldout]), [2, 3, 3, 1])
+    bad = tmp_path / "docs" / "b_latin1.txt"
+    bad.write_bytes("w caf\xe9 w\n".encode("latin-1"))
+    with pytest.raises(NotUTF8Error) as e:
+        data.load_corpus(data_config(str(tmp_path / "docs" / "*.txt")), tok)
+    assert isinstance(e.value, ValueError)  # train.py: one-line error, exit status 2
+    message = str(e.value)
+    assert str(bad) in message and "UTF-8" in message and "'byte'" in message
+    assert "0xe9 at offset 5" in message and "\n" not in message
+    with pytest.raises(NotUTF8Error, match="UTF-8"):
+        tok.encode(bad.read_bytes())
+    # The byte tokenizer takes the same files as they are.
+    corpus = data.load_corpus(data_config(str(tmp_path / "docs" / "*.txt")), ByteTokenizer())
+    assert (bad.read_bytes() in np.concatenate([corpus.train, corpus.heldout])
+            .astype(np.uint8).tobytes())
+
+
 # ---- tokenizers ---------------------------------------------------------------------------
 
 def test_byte_tokenizer():
@@ -106,6 +213,9 @@ def test_byte_tokenizer():
     ids = tok.encode(text)
     assert len(ids) == len(text.encode()) and ids.max() < 256
     assert tok.decode(np.append(ids, tok.separator_id)) == text
+    raw = "caf\xe9".encode("latin-1")  # raw bytes in, the same bytes out, no decoding
+    np.testing.assert_array_equal(tok.encode(raw), list(raw))
+    assert tok.decode_bytes(np.append(tok.encode(raw), tok.separator_id)) == raw
 
 
 def test_hf_tokenizer_json(tmp_path):

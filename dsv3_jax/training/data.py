@@ -10,6 +10,12 @@ Files go to train or held-out by a stable hash of their relative path (SHA-256, 
 salted `hash`), so adding a file never moves another one across the split. Documents are joined
 into one token stream with the tokenizer's separator after each.
 
+Bits per byte count the files' original bytes, whatever their encoding: the byte tokenizer's ids
+are the raw bytes (a Latin-1 file is as good as a UTF-8 one, and the xz reference sees exactly
+the held-out files' bytes); a text tokenizer (tokenizer.json) rejects a file that is not valid
+UTF-8 with a one-line error naming it (tokenizer.NotUTF8Error, a ValueError), as decoding it with
+replacement characters would measure bits per byte on other bytes than the file's.
+
 Training windows are `seq_len + 1` consecutive tokens (inputs and shifted targets), cut at a
 fixed stride from the train stream, visited in a seeded order that is reshuffled every epoch.
 Each process reads only its own rows of every global batch; the iterator's state (one integer)
@@ -29,6 +35,8 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from dsv3_jax.training.tokenizer import decode_utf8
+
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 _TOKEN_SUFFIXES = (".npy", ".bin")
 
@@ -39,8 +47,8 @@ class Corpus:
 
     train: np.ndarray  # [N_train] token ids (documents joined with separators)
     heldout: np.ndarray  # [N_heldout]
-    heldout_bytes: int  # UTF-8 bytes of the held-out text (the denominator of bits/byte)
-    heldout_text: bytes  # the held-out text itself (for the xz reference)
+    heldout_bytes: int  # bytes of the held-out text as stored (the denominator of bits/byte)
+    heldout_text: bytes  # the held-out text's original bytes (what the xz reference compresses)
     description: str
 
     @property
@@ -80,6 +88,13 @@ def is_heldout(relative_path: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
 
 
+def _decode_bytes(tokenizer, ids) -> bytes:
+    """The bytes `ids` stand for: the raw bytes for the byte tokenizer, UTF-8 for text ones."""
+    if hasattr(tokenizer, "decode_bytes"):
+        return tokenizer.decode_bytes(ids)
+    return tokenizer.decode(ids).encode("utf-8")
+
+
 def _join(docs: list[np.ndarray], separator: int, dtype) -> np.ndarray:
     sep = np.array([separator], dtype)
     return np.concatenate([x for d in docs for x in (d.astype(dtype), sep)] or [sep[:0]])
@@ -90,7 +105,11 @@ def stream_dtype(vocab_size: int):
 
 
 def load_corpus(data, tokenizer) -> Corpus:
-    """Reads and tokenizes `data.source`. Raises ValueError when it matches nothing."""
+    """Reads and tokenizes `data.source`.
+
+    Raises ValueError when it matches nothing, and NotUTF8Error (a ValueError naming the file)
+    when a text tokenizer is given a file that is not valid UTF-8.
+    """
     source = data.source
     if source.endswith(_TOKEN_SUFFIXES):
         return _token_file_corpus(data, tokenizer)
@@ -105,10 +124,15 @@ def load_corpus(data, tokenizer) -> Corpus:
         with open(path, "rb") as f:
             texts.append(f.read())
         heldout_mask.append(is_heldout(rel, data.heldout_fraction))
-    if hasattr(tokenizer, "encode_batch"):
-        docs = tokenizer.encode_batch([t.decode("utf-8", errors="replace") for t in texts])
-    else:
+    if getattr(tokenizer, "reads_bytes", False):  # ids are the raw bytes: nothing to decode
         docs = [tokenizer.encode(t) for t in texts]
+    else:
+        name = getattr(tokenizer, "name", "text")
+        strs = [decode_utf8(t, path, name) for t, (_, path) in zip(texts, files)]
+        if hasattr(tokenizer, "encode_batch"):
+            docs = tokenizer.encode_batch(strs)
+        else:
+            docs = [tokenizer.encode(t) for t in strs]
     dtype = stream_dtype(tokenizer.vocab_size)
     sep = tokenizer.separator_id
     if 0 < sum(heldout_mask) < len(files):
@@ -120,7 +144,7 @@ def load_corpus(data, tokenizer) -> Corpus:
         stream = _join(docs, sep, dtype)
         cut = len(stream) - max(1, int(len(stream) * data.heldout_fraction))
         train, heldout = stream[:cut], stream[cut:]
-        heldout_text = tokenizer.decode(heldout).encode("utf-8")
+        heldout_text = _decode_bytes(tokenizer, heldout)  # byte tokenizer: the file's tail
         split = f"{len(files)} files, last {len(heldout)} tokens held out"
     return Corpus(train, heldout, len(heldout_text), heldout_text,
                   f"{what} ({sum(len(t) for t in texts) / 1e6:.1f} MB; {split})")
@@ -143,7 +167,7 @@ def _token_file_corpus(data, tokenizer) -> Corpus:
     if top >= tokenizer.vocab_size:
         raise ValueError(f"data.source={path!r} holds token id {top}, beyond data.tokenizer "
                          f"{tokenizer.name!r} (vocab {tokenizer.vocab_size})")
-    heldout_text = tokenizer.decode(heldout).encode("utf-8")
+    heldout_text = _decode_bytes(tokenizer, heldout)
     return Corpus(train, heldout, len(heldout_text), heldout_text,
                   f"token file {path} ({tokens.size} tokens; last {n_heldout} held out)")
 

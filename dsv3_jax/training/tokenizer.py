@@ -1,8 +1,15 @@
 """Tokenizers for training: byte-level (default) and a Hugging Face `tokenizer.json`.
 
 Both expose the same small interface: `encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`,
-`vocab_size` (ids the tokenizer can emit), `separator_id` (the document separator packed between
-documents), and `padded_vocab_size` (vocab rounded up to a multiple of 128: what a model needs).
+`decode_bytes(ids) -> bytes` (the bytes the ids stand for: what bits/byte and the xz reference
+count), `reads_bytes` (whether `encode` takes a file's raw bytes as they are), `vocab_size` (ids
+the tokenizer can emit), `separator_id` (the document separator packed between documents), and
+`padded_vocab_size` (vocab rounded up to a multiple of 128: what a model needs).
+
+Encodings: the byte tokenizer never decodes, so any file works and its ids are the file's bytes.
+A text tokenizer needs text: files that are not valid UTF-8 are rejected with `NotUTF8Error`
+naming the file (rather than decoded with replacement characters, which would change the bytes
+the bits/byte figure and the xz reference are measured on).
 """
 
 from __future__ import annotations
@@ -14,16 +21,36 @@ import numpy as np
 VOCAB_MULTIPLE = 128
 
 
+class NotUTF8Error(ValueError):
+    """A text file given to a text tokenizer is not valid UTF-8 (a one-line message naming it)."""
+
+
+def decode_utf8(data: bytes, source: str, tokenizer_name: str) -> str:
+    """`data` decoded as strict UTF-8; NotUTF8Error naming `source` when it is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUTF8Error(
+            f"{source} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}): "
+            f"the text tokenizer {tokenizer_name!r} needs UTF-8 text; re-encode the file "
+            "(e.g. iconv -f latin1 -t utf-8) or use data.tokenizer='byte', which reads raw "
+            "bytes") from None
+
+
 def padded(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
 class ByteTokenizer:
-    """UTF-8 bytes are ids 0-255; id 256 separates documents. 257 ids, padded to 384."""
+    """Bytes are ids 0-255; id 256 separates documents. 257 ids, padded to 384.
+
+    Files are read as raw bytes, whatever their encoding (str input is encoded as UTF-8).
+    """
 
     name = "byte"
     vocab_size = 257
     separator_id = 256
+    reads_bytes = True
 
     @property
     def padded_vocab_size(self) -> int:
@@ -33,13 +60,24 @@ class ByteTokenizer:
         data = text.encode("utf-8") if isinstance(text, str) else text
         return np.frombuffer(data, np.uint8).astype(np.int32)
 
-    def decode(self, ids) -> str:
+    def decode_bytes(self, ids) -> bytes:
+        """The bytes the ids stand for (separators dropped): exactly the input's bytes."""
         ids = np.asarray(ids).reshape(-1)
-        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
+
+    def decode(self, ids) -> str:
+        """For display: decode_bytes as UTF-8, invalid bytes shown as U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
-    """A `tokenizers` tokenizer.json. The separator is its end-of-text token if it has one."""
+    """A `tokenizers` tokenizer.json. The separator is its end-of-text token if it has one.
+
+    A text tokenizer: bytes given to `encode` must be UTF-8 (NotUTF8Error otherwise, see the
+    module docstring); `decode_bytes` is the UTF-8 encoding of the decoded text.
+    """
+
+    reads_bytes = False
 
     _SEPARATORS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]",
                    "<｜end▁of▁sentence｜>")
@@ -61,7 +99,7 @@ class HFTokenizer:
 
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
+            text = decode_utf8(text, "the input", self.name)
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -71,6 +109,9 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                                 skip_special_tokens=False)
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8")
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:

@@ -13,7 +13,12 @@ import math
 import os
 from typing import Any
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16", "float16")  # canonical names (= numpy/torch dtype names)
+# Not HF `config.json` fields: numerics and implementation choices. `to_hf` leaves them out and
+# `from_hf` takes them from its overrides only (transformers 5 writes a `dtype` key, the weights'
+# storage dtype, which is not our compute dtype).
+_NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "remat_policy", "capacity_factor",
+                            "expert_block_size", "expert_shard_limit"})
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -66,6 +71,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     # Not in HF: numerics and implementation choices.
+    # dtype / param_dtype: "float32", "bfloat16" or "float16", or a dtype or scalar type of one
+    # (jnp.bfloat16, np.float32, jnp.dtype("bfloat16"), ...); stored as the canonical name.
     dtype: str = "float32"  # compute dtype of activations and matmul inputs
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     remat_policy: str = "none"  # activation checkpointing of each scanned block
@@ -81,6 +88,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _yarn_from_hf(self.rope_scaling))
+        for name in ("dtype", "param_dtype"):  # "bfloat16" whichever way it was spelled
+            object.__setattr__(self, name, _dtype_name(getattr(self, name)))
         _validate(self)
 
     # ---- derived sizes ---------------------------------------------------------------------
@@ -108,14 +117,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
-        """Builds a config from an HF `config.json` dict, file, or checkpoint directory."""
+        """Builds a config from an HF `config.json` dict, file, or checkpoint directory.
+
+        Numerics fields (`dtype`, `param_dtype`, ...) come from `overrides` only, never from the
+        HF dict (whose `dtype`/`torch_dtype` is the checkpoint's storage dtype)."""
         if not isinstance(config, dict):
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             with open(path) as f:
                 config = json.load(f)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - _NON_HF_FIELDS
         kwargs = {k: v for k, v in config.items() if k in names}
         rope = config.get("rope_scaling") or config.get("rope_parameters")
         if isinstance(rope, dict):
@@ -133,9 +145,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict that `transformers.DeepseekV3Config` reads."""
-        hf_fields = {f.name for f in dataclasses.fields(self)} - {
-            "dtype", "param_dtype", "remat_policy", "capacity_factor", "expert_block_size",
-            "expert_shard_limit"}
+        hf_fields = {f.name for f in dataclasses.fields(self)} - _NON_HF_FIELDS
         out = {k: getattr(self, k) for k in sorted(hf_fields)}
         out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
         out.update(
@@ -144,8 +154,7 @@ class ModelConfig:
             num_key_value_heads=self.num_attention_heads,
             attention_bias=False,
             rope_interleave=True,
-            torch_dtype={"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-                self.param_dtype],
+            torch_dtype=self.param_dtype,  # canonical names are torch's names
         )
         return out
 
@@ -156,6 +165,22 @@ def _yarn_from_hf(rope: dict[str, Any]) -> YarnScaling:
         raise ValueError(f"rope_scaling type {kind!r} is not supported; allowed: 'yarn' or null")
     fields = {f.name for f in dataclasses.fields(YarnScaling)}
     return YarnScaling(**{k: v for k, v in rope.items() if k in fields and v is not None})
+
+
+def _dtype_name(value: Any) -> Any:
+    """The canonical name of a dtype object or scalar type (jnp.bfloat16, np.float32,
+    jnp.dtype("bfloat16"), ...: what `jnp.dtype` accepts). Strings are left as they are: only
+    the canonical names are valid, so a run config (strings, saved beside its checkpoints and
+    compared on resume) has one spelling per dtype. Anything else is returned unchanged, for
+    `_validate` to reject."""
+    if isinstance(value, str) or value is None or isinstance(value, (bool, int, float)):
+        return value  # (np.dtype(None) would be float64)
+    import jax.numpy as jnp  # here: importing the config module stays cheap
+
+    try:
+        return jnp.dtype(value).name
+    except (TypeError, ValueError):
+        return value
 
 
 def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
@@ -209,8 +234,11 @@ def _validate(c: ModelConfig) -> None:
                  y.original_max_position_embeddings)
         _require(y.beta_fast > 0 and y.beta_slow > 0, "rope_scaling.beta_fast/beta_slow",
                  "must be > 0", (y.beta_fast, y.beta_slow))
-    _require(c.dtype in _DTYPES, "dtype", f"allowed: {_DTYPES}", c.dtype)
-    _require(c.param_dtype in _DTYPES, "param_dtype", f"allowed: {_DTYPES}", c.param_dtype)
+    for name in ("dtype", "param_dtype"):
+        value = getattr(c, name)
+        _require(isinstance(value, str) and value in _DTYPES, name,
+                 f"allowed: {', '.join(map(repr, _DTYPES))}, or a dtype or scalar type of one "
+                 "(jnp.bfloat16, np.float32, jnp.dtype('bfloat16'))", value)
     _require(c.remat_policy in _REMAT_POLICIES, "remat_policy", f"allowed: {_REMAT_POLICIES}",
              c.remat_policy)
     _require(c.expert_shard_limit is None or (

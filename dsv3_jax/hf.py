@@ -39,7 +39,6 @@ import warnings
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
@@ -317,8 +316,8 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
       path: directory with config.json and *.safetensors (one file, or shards listed by
         model.safetensors.index.json). Per-expert or fused expert layout; FP8 block-scaled or
         plain float weights.
-      dtype: stored parameter dtype (e.g. 'bfloat16'); default float32. Sets
-        config.param_dtype; the correction bias stays float32.
+      dtype: stored parameter dtype, any dtype-like ('bfloat16', jnp.bfloat16, ...); default
+        float32. Sets config.param_dtype; the correction bias stays float32.
       drop_mtp: load without the MTP module(s) and return num_nextn_predict_layers=0. Needed
         for checkpoints written by transformers' `save_pretrained`, which drops the MTP layer
         while keeping num_nextn_predict_layers in config.json; any MTP tensors are skipped.
@@ -340,7 +339,7 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
     block = tuple((raw.get("quantization_config") or {}).get("weight_block_size",
                                                              (FP8_BLOCK, FP8_BLOCK)))
     if dtype is not None:
-        config = config.replace(param_dtype=jnp.dtype(dtype).name)
+        config = config.replace(param_dtype=dtype)  # ModelConfig normalizes/validates
     reader = _Reader(path)
     try:
         L = config.num_hidden_layers

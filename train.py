@@ -81,10 +81,11 @@ def main(argv):
 
     from dsv3_jax.accounting import flops_per_token
     from dsv3_jax.training import checkpoint, data, metrics, run_config, state, step
+    from dsv3_jax.training.placed_step import place_train_step
     from dsv3_jax.training.signals import StopRequest
     from dsv3_jax.training.tokenizer import load_tokenizer
     from sharding import mesh as mesh_lib
-    from sharding import state as sharding_state
+    from sharding import placement
 
     config = _CONFIG.value
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
@@ -120,10 +121,10 @@ def main(argv):
 
     # ---------------- Mesh: the jitted functions below trace under it (sharding/) --------
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES})
-    on_mesh = lambda fn: sharding_state.on_mesh(fn, mesh, config.mesh.layout)
+    on_mesh = lambda fn: placement.on_mesh(fn, mesh, config.mesh.layout)
 
     # ---------------- Model, optimizer and train state (restored if the workdir has one) ----
-    placed = sharding_state.place_train_step(model, config, mesh)  # optimizer, shardings, step
+    placed = place_train_step(model, config, mesh)  # optimizer, shardings, step
     train_iter = data.train_iterator(train_ds)
     train_state, start_step = checkpointer.restore(
         placed.abstract_state, train_iter, warn=lambda m: print(m, file=sys.stderr))

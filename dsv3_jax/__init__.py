@@ -1,5 +1,11 @@
 """dsv3-jax: DeepSeek-V3 in JAX/Flax."""
 
+from dsv3_jax.backends import skip_absent_tpu
+
+skip_absent_tpu()  # before anything starts a backend: no libtpu probe without a TPU
+
+# ruff: noqa: E402
+
 from dsv3_jax.accounting import count_params, flops_per_token, kv_cache_bytes
 from dsv3_jax.config import PRESETS, ModelConfig, YarnScaling
 from dsv3_jax.decode import generate

@@ -116,6 +116,15 @@ class ModelConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        """From a dict of ModelConfig fields (`rope_scaling` may be a dict), e.g. a run config's
+        `config.model.to_dict()`. TypeError on an unknown field, ValueError on a bad value."""
+        rope = fields.get("rope_scaling")
+        if isinstance(rope, dict):
+            fields = {**fields, "rope_scaling": YarnScaling(**rope)}
+        return cls(**fields)
+
+    @classmethod
     def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **overrides) -> ModelConfig:
         """Builds a config from an HF `config.json` dict, file, or checkpoint directory.
 

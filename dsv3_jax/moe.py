@@ -23,16 +23,21 @@ the `moe_bias` variable collection, so no optimizer sees it and the sign-rule up
 expression over the stacked counts. The layer returns per-expert assignment counts for the
 sign-rule update and the sequence-wise balance loss Σ_i f_i P_i (before α).
 
-Expert parallelism: traced under a mesh (`jax.set_mesh`) whose `expert` axis has more than one
-device, the routed experts run through `sharding.expert_parallel` (all-to-all dispatch and
-combine inside shard_map) instead of the local paths; routing, counts and the balance loss are
-the same global computations either way. Device-limited routing (`expert_shard_limit`) uses
-that axis's size as the number of shards.
+Expert parallelism is a strategy handed down from above, never reached for: the model does not
+import `sharding/`. Traced under a mesh (`jax.set_mesh`) whose `expert` axis has more than one
+device, the routed experts run through the strategy installed with `expert_parallel(fn)` —
+`sharding.placement.use_mesh` installs `sharding.expert_parallel.routed_experts` (all-to-all
+dispatch and combine inside shard_map) — instead of the local paths; routing, counts and the
+balance loss are the same global computations either way. Device-limited routing
+(`expert_shard_limit`) uses that axis's size as the number of shards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -216,6 +221,33 @@ def expert_shards() -> int:
     return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
 
 
+# (tokens [N, D], Routing, kernels (gate, up, down), config) -> [N, D]: the routed experts'
+# weighted output, computed across the mesh's `expert` axis.
+ExpertParallel = Callable[[jax.Array, Routing, tuple, ModelConfig], jax.Array]
+_EXPERT_PARALLEL: contextvars.ContextVar[ExpertParallel | None] = contextvars.ContextVar(
+    "expert_parallel", default=None)
+
+
+@contextlib.contextmanager
+def expert_parallel(strategy: ExpertParallel) -> Iterator[None]:
+    """Within this context, MoE layers traced under a mesh with `expert` > 1 use `strategy`."""
+    token = _EXPERT_PARALLEL.set(strategy)
+    try:
+        yield
+    finally:
+        _EXPERT_PARALLEL.reset(token)
+
+
+def _expert_parallel_strategy(shards: int) -> ExpertParallel:
+    strategy = _EXPERT_PARALLEL.get()
+    if strategy is None:
+        raise ValueError(
+            f"MoE traced under a mesh whose 'expert' axis has {shards} devices, but no "
+            "expert-parallel strategy is installed: trace under "
+            "sharding.placement.use_mesh(mesh, layout) (or dsv3_jax.moe.expert_parallel(fn))")
+    return strategy
+
+
 class MoE(nn.Module):
     """DeepSeekMoE feed-forward. Returns (y [B,T,D], counts [E] int32, balance loss scalar)."""
 
@@ -235,12 +267,8 @@ class MoE(nn.Module):
 
         experts = RoutedExperts(c, name="experts")
         N = B * T
-        if shards > 1:
-            # Under a mesh with an `expert` axis: all-to-all expert parallelism. It lives in
-            # sharding/ (which imports this module), hence the import here.
-            from sharding.expert_parallel import routed_experts
-
-            y = routed_experts(tokens, routing, experts.kernels(), c)
+        if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
+            y = _expert_parallel_strategy(shards)(tokens, routing, experts.kernels(), c)
             counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
         else:
             if c.capacity_factor is None:

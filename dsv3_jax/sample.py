@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags, logging
 
+from dsv3_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to generate.")
@@ -66,11 +68,10 @@ def main(argv):
         text, step = sample(_WORKDIR.value, _PROMPT.value, _MAX_NEW.value, _TEMPERATURE.value,
                             _TOP_P.value, _SEED.value)
     except ValueError as e:
-        print(f"sample: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("sample", str(e))
     print(f"# {_WORKDIR.value}, step {step}", file=sys.stderr)
     print(text)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("sample"))

@@ -1,8 +1,10 @@
 """Expert parallelism: routed experts split over the mesh's `expert` axis, tokens moved to the
 devices holding their experts and back with all-to-all (the DeepEP dispatch/combine pattern).
 
-`dsv3_jax.moe.MoE` calls `routed_experts` when it is traced under a mesh (`jax.set_mesh`) whose
-`expert` axis has more than one device; the model itself never builds a mesh. Routing, expert
+`sharding.placement.use_mesh` hands `routed_experts` down to the model
+(`dsv3_jax.moe.expert_parallel`); `dsv3_jax.moe.MoE` calls it when traced under a mesh whose
+`expert` axis has more than one device. The model itself never builds a mesh and never imports
+this module. Routing, expert
 counts and the balance loss stay global SPMD computations outside this function (counts are one
 bincount over the batch-split expert ids, which XLA reduces across the mesh).
 

@@ -1,4 +1,5 @@
-"""Sharded state: abstract shapes → shardings → `jit(init, out_shardings=…)`.
+"""Placement: abstract shapes → shardings → `jit(init, out_shardings=…)`, and tracing under a
+mesh.
 
 The parameters (and any state built from them, e.g. a TrainState with optimizer moments) are
 first traced with `jax.eval_shape`, which allocates nothing; the logical axis names that
@@ -17,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,9 +26,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import moe
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
-from sharding.mesh import batch_sharding, batch_shards, replicated
+from sharding.expert_parallel import routed_experts
+from sharding.mesh import batch_shards
 from sharding.rules import Layout, check_model_fits, get_layout, spec_for
 
 OPT_STATE_KEY = "opt_state"
@@ -80,9 +83,10 @@ def tree_shardings(abstract: Any, mesh: Mesh, layout: str | Layout) -> Any:
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, layout: str | Layout):
-    """Trace under `mesh` with the layout's activation rules: what makes the model's logical
-    constraints bind and the MoE layers pick expert parallelism."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(get_layout(layout).activations):
+    """Trace under `mesh` with the layout's activation rules and the expert-parallel strategy:
+    what makes the model's logical constraints bind and its MoE layers run expert-parallel."""
+    with (jax.set_mesh(mesh), nn.logical_axis_rules(get_layout(layout).activations),
+          moe.expert_parallel(routed_experts)):
         yield
 
 
@@ -171,33 +175,3 @@ def init_model_variables(config: ModelConfig, rng: jax.Array, mesh: Mesh,
     """
     check_model_fits(config, dict(mesh.shape))
     return create_sharded(model_init_fn(config, batch_shards(mesh)), mesh, layout, rng)
-
-
-class PlacedTrainStep(NamedTuple):
-    """train.py's update step placed on a mesh (what train.py runs and sharding.aot compiles)."""
-
-    step: Callable  # jitted (state, tokens [B, T+1]) -> (state, metrics); state donated
-    tx: Any  # the optimizer
-    abstract_state: Any  # the TrainState's ShapeDtypeStructs, carrying their shardings
-    shardings: Any  # the TrainState's NamedShardings
-    batch_sharding: NamedSharding
-
-
-def place_train_step(model: ModelConfig, config: Any, mesh: Mesh) -> PlacedTrainStep:
-    """Optimizer, state shardings and the jitted update step of a run config on `mesh`.
-
-    The step must be called (or lowered) under `use_mesh(mesh, config.mesh.layout)`.
-    """
-    from dsv3_jax.training import state as train_state  # (optax etc.: not needed for plans)
-    from dsv3_jax.training import step as train_step
-
-    tx = train_state.make_optimizer(config, model)
-    abstract = train_state.abstract_state(model, tx)
-    shardings = state_shardings(abstract, train_state.param_partition_specs(model), mesh,
-                                config.mesh.layout)
-    batch = batch_sharding(mesh)
-    step = jax.jit(train_step.make_train_step(model, config, tx,
-                                              train_state.make_schedule(config)),
-                   donate_argnums=0, in_shardings=(shardings, batch),
-                   out_shardings=(shardings, replicated(mesh)))
-    return PlacedTrainStep(step, tx, with_shardings(abstract, shardings), shardings, batch)

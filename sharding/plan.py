@@ -28,9 +28,10 @@ from absl import app
 from absl import flags as absl_flags
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import cli
 from dsv3_jax.config import ModelConfig
 from sharding import mesh as mesh_lib
-from sharding import state
+from sharding import placement
 from sharding.rules import check_model_fits, get_layout
 
 GiB = 2**30
@@ -52,7 +53,7 @@ def _pairs(tree: Any, specs: Any) -> list[tuple[str, Any, P]]:
     """(path, leaf, spec) for every leaf of an unboxed tree and its matching spec tree."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    return [(state.path_name(p), leaf, s) for (p, leaf), s in zip(leaves, spec_leaves,
+    return [(placement.path_name(p), leaf, s) for (p, leaf), s in zip(leaves, spec_leaves,
                                                                    strict=True)]
 
 
@@ -91,9 +92,9 @@ def describe(tree: Any, specs: Any, mesh_shape: Mapping[str, int]) -> str:
 
 def abstract_train_state(config: ModelConfig) -> Any:
     """Boxed abstract {'params', 'moe_bias', 'opt_state'} with AdamW state (no allocation)."""
-    variables = jax.eval_shape(state.model_init_fn(config), jax.random.key(0))
+    variables = jax.eval_shape(placement.model_init_fn(config), jax.random.key(0))
     opt_state = jax.eval_shape(optax.adamw(1e-3).init, variables["params"])
-    return {**variables, state.OPT_STATE_KEY: opt_state}
+    return {**variables, placement.OPT_STATE_KEY: opt_state}
 
 
 def make_plan(config: ModelConfig, mesh_config: Any, num_devices: int, layout: str = "fsdp",
@@ -113,19 +114,19 @@ def make_plan(config: ModelConfig, mesh_config: Any, num_devices: int, layout: s
     shape = mesh_lib.mesh_shape(mesh_config, num_devices)
     check_model_fits(config, shape)
     abstract = abstract_train_state(config)
-    specs = state.tree_specs(abstract, shape, layout)
+    specs = placement.tree_specs(abstract, shape, layout)
     tree = nn.unbox(abstract)
     pipe = shape["pipe"]
     parts = {"params": tree["params"], "grads": tree["params"],
-             "opt_state": tree[state.OPT_STATE_KEY], "moe_bias": tree["moe_bias"]}
+             "opt_state": tree[placement.OPT_STATE_KEY], "moe_bias": tree["moe_bias"]}
     part_specs = {"params": specs["params"], "grads": specs["params"],
-                  "opt_state": specs[state.OPT_STATE_KEY], "moe_bias": specs["moe_bias"]}
+                  "opt_state": specs[placement.OPT_STATE_KEY], "moe_bias": specs["moe_bias"]}
     per_device = {k: per_device_bytes(parts[k], part_specs[k], shape) / pipe for k in parts}
     params = _pairs(tree["params"], specs["params"])
     largest = sorted(((shard_bytes(leaf, s, shape) / pipe, path, str(s))
                       for path, leaf, s in params), reverse=True)[:top]
     replicated = replicated_above(tree["params"], specs["params"], replicated_threshold)
-    replicated += replicated_above(tree[state.OPT_STATE_KEY], specs[state.OPT_STATE_KEY],
+    replicated += replicated_above(tree[placement.OPT_STATE_KEY], specs[placement.OPT_STATE_KEY],
                                    replicated_threshold)
     return {
         "mesh": shape, "devices": num_devices, "layout": get_layout(layout).name,
@@ -160,9 +161,7 @@ def format_plan(report: dict[str, Any], top: int = 8) -> str:
 def _model_and_mesh(flags) -> tuple[ModelConfig, Any]:
     """From --config (a run config with .model and .mesh) or --preset and --mesh."""
     if flags.config is not None:
-        from dsv3_jax.training.run_config import model_config  # (imports grain etc.: CLI only)
-
-        return model_config(flags.config), flags.config.mesh
+        return ModelConfig.from_dict(flags.config.model.to_dict()), flags.config.mesh
     mesh = {}
     for item in filter(None, flags.mesh.split(",")):
         axis, _, size = item.partition("=")
@@ -173,14 +172,18 @@ def _model_and_mesh(flags) -> tuple[ModelConfig, Any]:
 def main(argv) -> None:
     del argv
     flags = absl_flags.FLAGS
-    config, mesh = _model_and_mesh(flags)
-    sizes = [int(mesh.get(a, 1) if isinstance(mesh, dict) else getattr(mesh, a, 1))
-             for a in mesh_lib.AXES]
-    if flags.devices is None and -1 in sizes:
-        raise app.UsageError("a mesh size of -1 needs --devices")
-    devices = flags.devices or math.prod(sizes)
-    layout = flags.layout or (getattr(mesh, "layout", None) if flags.config else None) or "fsdp"
-    report = make_plan(config, mesh, devices, layout)
+    try:
+        config, mesh = _model_and_mesh(flags)
+        sizes = [int(mesh.get(a, 1) if isinstance(mesh, dict) else getattr(mesh, a, 1))
+                 for a in mesh_lib.AXES]
+        if flags.devices is None and -1 in sizes:
+            raise ValueError("a mesh size of -1 needs --devices")
+        devices = flags.devices or math.prod(sizes)
+        layout = (flags.layout or (getattr(mesh, "layout", None) if flags.config else None)
+                  or "fsdp")
+        report = make_plan(config, mesh, devices, layout)
+    except (TypeError, ValueError) as e:
+        cli.fail("sharding.plan", str(e))
     print(json.dumps(report) if flags.json else format_plan(report))
 
 
@@ -197,4 +200,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("layout", None, "sharding layout: dp, fsdp or zero1 (default: the "
                         "config's mesh.layout, else fsdp)")
     flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("sharding.plan"))

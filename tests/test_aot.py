@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("libtpu")
 
 from configs import tiny  # noqa: E402
-from sharding import aot, plan  # noqa: E402
+from sharding import aot, plan, tpu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,8 +38,8 @@ def _config(**mesh):
 ])
 def test_compiles_and_argument_bytes_match_the_plan(topology, mesh):
     config = _config(**mesh)
-    chip, chips = aot.parse_topology(topology)
-    devices = aot.tpu_devices(topology)
+    chip, chips = tpu.parse_topology(topology)
+    devices = tpu.tpu_devices(topology)
     compiled, model, _, _ = aot.compile_train_step(config, devices)
     report = aot.analyze(compiled, config, model, chip, chips, len(devices))
     expected = plan.make_plan(model, config.mesh, len(devices), config.mesh.layout)
@@ -71,7 +71,7 @@ def test_matmul_flops_of_a_scanned_tpu_program_count_every_iteration():
 
     from sharding.hlo_stats import matmul_flops
 
-    devices = aot.tpu_devices("v5p:2x2x1")
+    devices = tpu.tpu_devices("v5p:2x2x1")
     mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 2), ("a", "b"),
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
@@ -96,8 +96,8 @@ def test_remat_and_compute_dtype_change_the_temporaries():
         config.model.update(num_hidden_layers=5, remat_policy=remat, dtype=dtype)
         config.batch_size, config.seq_len = 16, 512
         config.mesh.data = 4
-        chip, chips = aot.parse_topology("v5p:2x2x1")
-        devices = aot.tpu_devices("v5p:2x2x1")
+        chip, chips = tpu.parse_topology("v5p:2x2x1")
+        devices = tpu.tpu_devices("v5p:2x2x1")
         compiled, model, _, _ = aot.compile_train_step(config, devices)
         report = aot.analyze(compiled, config, model, chip, chips, len(devices))
         temporaries[remat, dtype] = report["memory_per_device_bytes"]["temporaries"]

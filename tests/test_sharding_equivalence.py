@@ -15,7 +15,7 @@ import pytest
 
 from dsv3_jax import DeepSeekV3, ModelConfig
 from sharding import mesh as mesh_lib
-from sharding import plan, rules, state
+from sharding import placement, plan, rules
 
 MESHES = {
     "data8": dict(data=8),
@@ -60,9 +60,9 @@ def relative_error(ref, got) -> float:
 def sharded_step(mesh, variables, tokens, layout="fsdp"):
     """Reshards the reference variables into the layout and compiles the step under the mesh."""
     layout = rules.get_layout(layout)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(layout.activations):
-        abstract = jax.eval_shape(state.model_init_fn(CONFIG, 8), jax.random.key(0))
-        variables = jax.device_put(variables, state.tree_shardings(abstract, mesh, layout))
+    with placement.use_mesh(mesh, layout):
+        abstract = jax.eval_shape(placement.model_init_fn(CONFIG, 8), jax.random.key(0))
+        variables = jax.device_put(variables, placement.tree_shardings(abstract, mesh, layout))
         compiled = STEP.lower(variables["params"], variables, tokens).compile()
         return compiled, variables, compiled(variables["params"], variables, tokens)
 
@@ -76,7 +76,7 @@ def test_sharded_equals_single_device(name, reference):
     np.testing.assert_array_equal(counts_s, counts)
     errors = {"logits": relative_error(logits, logits_s), "loss": relative_error(loss, loss_s)}
     grad_errors = jax.tree_util.tree_map_with_path(
-        lambda p, a, b: (state.path_name(p), relative_error(a, b)), grads, grads_s)
+        lambda p, a, b: (placement.path_name(p), relative_error(a, b)), grads, grads_s)
     worst_grad = max(jax.tree.leaves(grad_errors, is_leaf=lambda x: isinstance(x, tuple)),
                      key=lambda x: x[1])
     print(f"\n{name}: logits {errors['logits']:.2e}  loss {errors['loss']:.2e}  "
@@ -85,8 +85,8 @@ def test_sharded_equals_single_device(name, reference):
     assert worst_grad[1] <= 1e-5, worst_grad
 
     # Each device holds exactly the bytes the plan predicts from abstract shapes alone.
-    specs = state.tree_specs(
-        jax.eval_shape(state.model_init_fn(CONFIG, 8), jax.random.key(0)), dict(mesh.shape),
+    specs = placement.tree_specs(
+        jax.eval_shape(placement.model_init_fn(CONFIG, 8), jax.random.key(0)), dict(mesh.shape),
         "fsdp")
     expected = plan.per_device_bytes(sharded, specs, dict(mesh.shape))
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(sharded))
@@ -122,15 +122,15 @@ def test_expert_parallel_step_uses_all_to_all_over_the_expert_axis(reference):
 
 def test_no_large_parameter_left_replicated():
     """With fsdp × tensor every parameter above 4 KiB is split; a layout with a hole is named."""
-    abstract = jax.eval_shape(state.model_init_fn(CONFIG, 8), jax.random.key(0))
+    abstract = jax.eval_shape(placement.model_init_fn(CONFIG, 8), jax.random.key(0))
     shape = mesh_lib.mesh_shape(MESHES["fsdp4_tensor2"], 8)
-    assert plan.replicated_above(nn.unbox(abstract), state.tree_specs(abstract, shape, "fsdp"),
+    assert plan.replicated_above(nn.unbox(abstract), placement.tree_specs(abstract, shape, "fsdp"),
                                  4096) == []
     holey = rules.Layout("holey", opt_state=(), params=tuple(  # no embed rule
         r for r in rules.LAYOUTS["fsdp"].params if r[0] != "embed"))
-    found = plan.replicated_above(nn.unbox(abstract), state.tree_specs(abstract, shape, holey),
+    found = plan.replicated_above(nn.unbox(abstract), placement.tree_specs(abstract, shape, holey),
                                   4096)
     assert "params/embed_tokens" not in dict(found)  # vocab still goes over tensor
     assert "params/moe_layers/mlp/gate/kernel" in dict(found)
     with pytest.raises(ValueError, match="moe_layers/mlp/gate/kernel"):
-        plan.check_sharded(nn.unbox(abstract), state.tree_specs(abstract, shape, holey), 4096)
+        plan.check_sharded(nn.unbox(abstract), placement.tree_specs(abstract, shape, holey), 4096)

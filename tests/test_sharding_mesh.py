@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import ModelConfig
 from sharding import mesh as mesh_lib
-from sharding import rules, state
+from sharding import placement, rules
 
 
 def test_mesh_shape_fills_minus_one():
@@ -91,7 +91,7 @@ def test_model_that_does_not_fit_fails_before_compiling(overrides, mesh, message
 
     monkeypatch.setattr(jax, "jit", no_compile)
     with pytest.raises(ValueError, match=message):
-        state.init_model_variables(config, jax.random.key(0), device_mesh)
+        placement.init_model_variables(config, jax.random.key(0), device_mesh)
 
 
 def test_unknown_layout():

@@ -16,7 +16,7 @@ import pytest
 
 from dsv3_jax import ModelConfig
 from sharding import mesh as mesh_lib
-from sharding import plan, state
+from sharding import placement, plan
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 V3_MESH = dict(expert=64, pipe=16, data=-1)  # EP64 x PP16 x DP (ZeRO-1) over 2048 devices
@@ -35,7 +35,7 @@ def test_golden_sharding(filename):
     preset, mesh, devices, layout = CASES[filename]
     shape = mesh_lib.mesh_shape(mesh, devices)
     abstract = plan.abstract_train_state(ModelConfig.preset(preset))
-    text = plan.describe(nn.unbox(abstract), state.tree_specs(abstract, shape, layout), shape)
+    text = plan.describe(nn.unbox(abstract), placement.tree_specs(abstract, shape, layout), shape)
     path = GOLDEN / filename
     if os.environ.get("DSV3_UPDATE_GOLDEN"):
         path.write_text(text)

@@ -16,7 +16,7 @@ import pytest
 from dsv3_jax.training import run_config, step
 from dsv3_jax.training import state as train_state_lib
 from sharding import mesh as mesh_lib
-from sharding import state as sharding_state
+from sharding import placement
 
 REPO = pathlib.Path(__file__).parent.parent
 MESHES = {  # name: (mesh sizes, layout); every layout appears at least once
@@ -42,12 +42,12 @@ def run_steps(mesh_sizes=None, layout="fsdp") -> list[dict]:
         place = lambda batch: batch
     else:  # the same wiring as train.py
         mesh = mesh_lib.make_mesh(mesh_sizes)
-        shardings = sharding_state.state_shardings(
+        shardings = placement.state_shardings(
             train_state_lib.abstract_state(model, tx),
             train_state_lib.param_partition_specs(model), mesh, layout)
-        state = sharding_state.on_mesh(jax.jit(create, out_shardings=shardings), mesh, layout)(
+        state = placement.on_mesh(jax.jit(create, out_shardings=shardings), mesh, layout)(
             jax.random.key(0))
-        train_step = sharding_state.on_mesh(jax.jit(
+        train_step = placement.on_mesh(jax.jit(
             fn, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
             out_shardings=(shardings, mesh_lib.replicated(mesh))), mesh, layout)
         place = lambda batch: mesh_lib.global_batch(batch, mesh)

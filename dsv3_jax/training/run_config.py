@@ -88,11 +88,8 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The validated ModelConfig of `config.model`; ConfigError on an invalid field."""
-    fields = config.model.to_dict()
-    if isinstance(fields.get("rope_scaling"), dict):
-        fields["rope_scaling"] = YarnScaling(**fields["rope_scaling"])
     try:
-        return ModelConfig(**fields)
+        return ModelConfig.from_dict(config.model.to_dict())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
 

@@ -127,7 +127,12 @@ class DeepSeekV3(nn.Module):
         bias = self.variable("moe_bias", "e_score_correction_bias", jnp.zeros,
                              (c.num_moe_layers + c.num_nextn_predict_layers, c.n_routed_experts),
                              jnp.float32).value
-        embed = lambda ids: jnp.take(embedding, ids, axis=0).astype(dtype)
+        # The table as activations see it (ZeRO-3 gathers it like every other weight; vocab
+        # stays split over `tensor`), so each device looks up its own tokens: gathering from a
+        # table split along embed would leave [B, T, D/n] rows that SPMD can only reshard to the
+        # batch split (and back, for the gradient) by replicating them.
+        table = nn.with_logical_constraint(embedding, ("vocab", "embed"))
+        embed = lambda ids: jnp.take(table, ids, axis=0).astype(dtype)
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
         cache = dict(cache) if cache is not None else None
         get = lambda key: None if cache is None else cache[key]

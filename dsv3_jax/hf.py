@@ -309,6 +309,34 @@ def _check_names(reader: _Reader, layout: list[TensorMap], ignored, block) -> No
         raise ValueError(_problems("checkpoint does not match its config.json", lines))
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_checkpoint_dir(path: str) -> None:
+    """A clear error for each way `path` is not a checkpoint directory (only local files are
+    read: a hub id is not fetched)."""
+    if not os.path.exists(path):
+        if not os.path.isabs(path) and _HUB_ID.fullmatch(path):
+            raise FileNotFoundError(
+                f"checkpoint directory {path!r} does not exist; if it is a Hugging Face hub id, "
+                f"download it first (e.g. `huggingface-cli download {path} --local-dir DIR`) "
+                "and pass DIR: hub ids are not fetched at run time")
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if not os.path.isdir(path):
+        hint = (f"; its directory is {os.path.dirname(path) or '.'!r}"
+                if os.path.basename(path) == "config.json" or path.endswith(".safetensors")
+                else "")
+        raise NotADirectoryError(f"{path!r} is a file, not a checkpoint directory (one holding "
+                                 f"config.json and *.safetensors){hint}")
+    if not os.listdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} is empty: expected config.json "
+                                "and *.safetensors")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r} (it holds "
+                                f"{', '.join(sorted(os.listdir(path))[:5])}"
+                                f"{', …' if len(os.listdir(path)) > 5 else ''})")
+
+
 def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[ModelConfig, dict]:
     """Loads an HF DeepSeek-V3 checkpoint directory.
 
@@ -326,13 +354,14 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
       structure of `nn.unbox(DeepSeekV3(config).init(...))`; usable directly in
       `DeepSeekV3(config).apply(variables, tokens)`.
     Raises:
-      FileNotFoundError: no config.json, no safetensors files, or an index naming a missing file.
+      FileNotFoundError: no such directory (a hub id must be downloaded first), an empty one,
+        no config.json, no safetensors files, or an index naming a missing file.
+      NotADirectoryError: `path` is a file.
       ValueError: missing, unexpected or mis-shaped tensors (each named with both shapes).
     """
     path = os.fspath(path)
+    _check_checkpoint_dir(path)
     config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
     with open(config_file) as f:
         raw = json.load(f)
     config = ModelConfig.from_hf(raw)

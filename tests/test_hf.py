@@ -409,6 +409,31 @@ def test_error_missing_files(tiny_saved, tmp_path):
         load_hf_checkpoint(tmp_path)
 
 
+def test_error_not_a_checkpoint_directory(tmp_path, monkeypatch):
+    """Each way a path is not a checkpoint directory has its own message; nothing is fetched."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'deepseek-ai/DeepSeek-V3' does not exist; if it "
+                       r"is a Hugging Face hub id, download it first \(e\.g\. `huggingface-cli "
+                       r"download deepseek-ai/DeepSeek-V3 --local-dir DIR`\)"):
+        load_hf_checkpoint("deepseek-ai/DeepSeek-V3")
+    missing = str(tmp_path / "absent" / "model")  # absolute: a path, not a hub id
+    with pytest.raises(FileNotFoundError) as e:
+        load_hf_checkpoint(missing)
+    assert str(e.value) == f"checkpoint directory {missing!r} does not exist"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="'empty' is empty: expected config.json"):
+        load_hf_checkpoint("empty")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(NotADirectoryError, match="is a file, not a checkpoint directory .*; "
+                       "its directory is '.'"):
+        load_hf_checkpoint("config.json")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no config.json in checkpoint directory "
+                       r"'other' \(it holds model.safetensors\)"):
+        load_hf_checkpoint("other")
+
+
 def test_layout_covers_every_leaf_once():
     """Each of our leaves is written exactly once by the HF table (no overlaps, no gaps).
 

@@ -17,9 +17,11 @@ _DTYPES = ("float32", "bfloat16", "float16")  # canonical names (= numpy/torch d
 # Not HF `config.json` fields: numerics and implementation choices. `to_hf` leaves them out and
 # `from_hf` takes them from its overrides only (transformers 5 writes a `dtype` key, the weights'
 # storage dtype, which is not our compute dtype).
-_NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "remat_policy", "capacity_factor",
+_NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "remat_policy", "fp8",
+                            "fp8_amax_history_length", "fp8_margin", "capacity_factor",
                             "expert_block_size", "expert_shard_limit"})
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+_FP8_RECIPES = ("none", "delayed", "blockwise")  # = dsv3_jax.fp8.RECIPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,11 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmul inputs
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     remat_policy: str = "none"  # activation checkpointing of each scanned block
+    # FP8 recipe of the weight projections (dsv3_jax/fp8.py): "none", "delayed" (per-tensor
+    # delayed scaling, state in the `fp8` collection) or "blockwise" (1x128 / 128x128 tiles).
+    fp8: str = "none"
+    fp8_amax_history_length: int = 1024  # delayed: amaxes remembered per operand
+    fp8_margin: int = 0  # delayed: scales leave 2^margin of headroom
     capacity_factor: float | None = None  # None: dropless; else per-expert slots = cf·N·K/E
     # Dropless: tokens per expert block of the grouped matmul. Larger blocks gather fewer copies
     # of the expert weights but pad more (benchmarks/moe_vs_dense.py measures the trade).
@@ -192,6 +199,10 @@ def _dtype_name(value: Any) -> Any:
         return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
@@ -250,6 +261,11 @@ def _validate(c: ModelConfig) -> None:
                  "(jnp.bfloat16, np.float32, jnp.dtype('bfloat16'))", value)
     _require(c.remat_policy in _REMAT_POLICIES, "remat_policy", f"allowed: {_REMAT_POLICIES}",
              c.remat_policy)
+    _require(c.fp8 in _FP8_RECIPES, "fp8", f"allowed: {_FP8_RECIPES}", c.fp8)
+    _require(_is_int(c.fp8_amax_history_length) and c.fp8_amax_history_length >= 1,
+             "fp8_amax_history_length", "must be an integer >= 1", c.fp8_amax_history_length)
+    _require(_is_int(c.fp8_margin) and c.fp8_margin >= 0, "fp8_margin",
+             "must be an integer >= 0", c.fp8_margin)
     _require(c.expert_shard_limit is None or (
         isinstance(c.expert_shard_limit, int) and not isinstance(c.expert_shard_limit, bool)
         and c.expert_shard_limit > 0), "expert_shard_limit",

@@ -1,9 +1,11 @@
 """TrainState and the optimizer.
 
-TrainState is one pytree — params, optax state, the MoE correction biases, step, RNG — so it is
-checkpointed whole, donated to the step whole, and (later) sharded whole from one tree of
-shardings. It is the place further state goes: an FP8 recipe's amax histories and scales are
-added here as one more field, updated by the step like `moe_bias`.
+TrainState is one pytree — params, optax state, the MoE correction biases, step, RNG, the FP8
+delayed-scaling state — so it is checkpointed whole, donated to the step whole, and sharded
+whole from one tree of shardings. `fp8` holds the model's `fp8` collection (amax histories and
+scales of every projection, stacked per scanned layer; empty unless ModelConfig.fp8 is
+"delayed"): like `moe_bias` it is outside params and optimizer state, so no weight decay,
+clipping or averaging touches it, and the step replaces it functionally.
 
 State creation is a pure function of a PRNG key (`create_state`), so a mesh layer can run it as
 `jax.jit(create_state, out_shardings=…)` from `abstract_state`'s shapes, never materializing the
@@ -32,6 +34,7 @@ class TrainState:
     opt_state: Any  # optax state of `make_optimizer`
     moe_bias: Any  # {'e_score_correction_bias': [L_moe + num_mtp, E] f32}; sign rule, no grads
     rng: jax.Array  # uint32 raw key data (a plain array, so checkpoints need no key type)
+    fp8: Any = flax.struct.field(default_factory=dict)  # the `fp8` collection (delayed recipe)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -74,7 +77,8 @@ def create_state(model: ModelConfig, tx: optax.GradientTransformation,
     variables = nn.unbox(init_variables(model, init_rng))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      moe_bias=variables["moe_bias"], rng=jax.random.key_data(state_rng))
+                      moe_bias=variables["moe_bias"], rng=jax.random.key_data(state_rng),
+                      fp8=variables.get("fp8", {}))
 
 
 def abstract_state(model: ModelConfig, tx: optax.GradientTransformation) -> TrainState:

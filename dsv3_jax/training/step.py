@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dsv3_jax import fp8
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.training.state import TrainState
@@ -60,17 +61,18 @@ def make_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
     net = DeepSeekV3(model)
     lam, alpha, gamma = config.mtp_loss_weight, config.balance_loss_alpha, config.bias_update_rate
 
-    def loss_fn(params, moe_bias, tokens):
-        out = net.apply({"params": params, "moe_bias": moe_bias}, tokens[:, :-1])
+    def loss_fn(params, fp8_state, moe_bias, tokens):
+        out = net.apply(model_variables(params, moe_bias, fp8_state), tokens[:, :-1])
         ce = cross_entropy(out.logits, tokens[:, 1:]).mean()
         mtp = mtp_loss(out.mtp_logits, tokens)
         total = ce + lam * mtp + alpha * out.balance_loss
         return total, (ce, mtp, out.balance_loss, out.expert_counts)
 
     def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (total, (ce, mtp, balance, counts)), grads = grad_fn(state.params, state.moe_bias,
-                                                              tokens)
+        # The FP8 state's "gradient" is its next value (fp8.py: the custom_vjp cotangent).
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (total, (ce, mtp, balance, counts)), (grads, fp8_next) = grad_fn(
+            state.params, state.fp8, state.moe_bias, tokens)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         bias = state.moe_bias["e_score_correction_bias"]
@@ -91,18 +93,28 @@ def make_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
             moe_bias={**state.moe_bias, "e_score_correction_bias": new_bias},
-            rng=jax.random.key_data(rng))
+            rng=jax.random.key_data(rng), fp8=fp8.merge_state(state.fp8, fp8_next))
         return new_state, metrics
 
     return train_step
 
 
+def model_variables(params: Any, moe_bias: Any, fp8_state: Any = None) -> dict[str, Any]:
+    """The variables `DeepSeekV3.apply` takes; the `fp8` collection only when it has state."""
+    variables = {"params": params, "moe_bias": moe_bias}
+    if fp8_state:
+        variables["fp8"] = fp8_state
+    return variables
+
+
 def make_eval_step(model: ModelConfig):
-    """(params, moe_bias, tokens [B, T+1], mask [B, T]) -> (Σ nats, Σ mask) of the main head."""
+    """(params, moe_bias, tokens [B, T+1], mask [B, T], fp8 state) -> (Σ nats, Σ mask) of the
+    main head."""
     net = DeepSeekV3(model)
 
-    def eval_step(params, moe_bias, tokens, mask):
-        out = net.apply({"params": params, "moe_bias": moe_bias}, tokens[:, :-1], mtp=False)
+    def eval_step(params, moe_bias, tokens, mask, fp8_state=None):
+        out = net.apply(model_variables(params, moe_bias, fp8_state), tokens[:, :-1],
+                        mtp=False)
         nats = cross_entropy(out.logits, tokens[:, 1:])
         return (nats * mask).sum(), mask.sum()
 

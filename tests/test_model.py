@@ -69,6 +69,64 @@ def test_mtp_uses_next_tokens_causally(tiny):
     assert float(jnp.abs(m_a[7] - m_b[7]).max()) > 1e-4
 
 
+def rms_norm_np(x, weight, eps):
+    x = np.asarray(x, np.float64)
+    return np.asarray(weight, np.float64) * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def test_two_mtp_depths_match_a_loop_over_the_submodules():
+    """mtp_logits[k] against REFERENCE §4 written out step by step (k 0-based): depth k at
+    position i joins [RMSNorm_e(Emb(t_{i+k+1})) ; RMSNorm_h(h^k_i)] (h^0: the main model's
+    final normed hidden state), projects with eh_proj, runs the depth's own MoE block with
+    its correction-bias row (main MoE layers first), and h^{k+1} = shared_head_norm(block
+    output) goes through the shared head. Norms, projections and head in NumPy float64; the
+    block is the model's own Block module applied to these inputs."""
+    from dsv3_jax.model import Block
+
+    c = ModelConfig.preset("tiny", num_hidden_layers=2, num_nextn_predict_layers=2)
+    shapes = nn.unbox(jax.eval_shape(lambda: init_variables(c, jax.random.key(0)))["params"])
+    rng = np.random.default_rng(0)
+    # Random norm scales (not init's ones) so a swapped or skipped norm shows.
+    params = jax.tree_util.tree_map_with_path(lambda path, leaf: jnp.asarray(
+        (1 + 0.3 * rng.standard_normal(leaf.shape)) if path[-1].key == "weight"
+        else 0.05 * rng.standard_normal(leaf.shape), leaf.dtype), shapes)
+    rows = c.num_moe_layers + 2  # one main MoE layer, then MTP depths 0 and 1
+    bias = jnp.asarray(0.05 * rng.standard_normal((rows, c.n_routed_experts)), jnp.float32)
+    variables = {"params": params, "moe_bias": {"e_score_correction_bias": bias}}
+    B, T = 2, 12
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (B, T), 0, c.vocab_size))
+    out = jax.jit(DeepSeekV3(c).apply)(variables, tokens)
+    assert len(out.mtp_logits) == 2
+
+    p = jax.tree.map(np.asarray, params)
+    head = p["lm_head"]["kernel"].astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out.hidden, np.float64) @ head, out.logits,
+                               rtol=1e-5, atol=1e-5)  # h^0 is what the main head reads
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    block = jax.jit(lambda bp, x, b: Block(c, moe=True).apply({"params": bp}, x, positions,
+                                                              None, b, None)[0])
+    h = np.asarray(out.hidden, np.float64)
+    for k in range(2):
+        mp = p[f"mtp_{k}"]
+        # t_{i+k+1} at position i; past the input, any id (causal: only later positions see it)
+        ids = np.array([[tokens[b, i + k + 1] if i + k + 1 < T else 0 for i in range(T)]
+                        for b in range(B)])
+        emb = p["embed_tokens"][ids]
+        joined = np.concatenate([rms_norm_np(emb, mp["enorm"]["weight"], c.rms_norm_eps),
+                                 rms_norm_np(h, mp["hnorm"]["weight"], c.rms_norm_eps)], -1)
+        x = joined @ mp["eh_proj"]["kernel"].astype(np.float64)
+        y = np.asarray(block(mp["block"], jnp.asarray(x, jnp.float32), bias[c.num_moe_layers + k]))
+        h = rms_norm_np(y, mp["shared_head_norm"]["weight"], c.rms_norm_eps)
+        want = h @ head
+        valid = T - k - 1  # positions whose input token t_{i+k+1} is inside the prompt
+        got = np.asarray(out.mtp_logits[k])[:, :valid]
+        # fp32 model vs float64 around an fp32 block: measured max |Δ| 4e-7 of the largest
+        # logit at both depths; bound 1e-4 (feeding depth 1 t_{i+1} instead is off by ~1).
+        scale = np.abs(want[:, :valid]).max()
+        np.testing.assert_allclose(got, want[:, :valid], rtol=0, atol=1e-4 * scale,
+                                   err_msg=f"depth {k}")
+
+
 @pytest.mark.parametrize("q_lora", [True, False])
 def test_greedy_generate_equals_repeated_full_forward(q_lora):
     c = ModelConfig.preset("tiny")
@@ -87,14 +145,19 @@ def test_greedy_generate_equals_repeated_full_forward(q_lora):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(tokens))
 
 
-def test_sampling_is_seeded_and_top_p_limits_choices(tiny):
+def test_generate_sampling_is_seeded_and_a_vanishing_nucleus_is_greedy(tiny):
     c, v = tiny
     prompt = jnp.zeros((2, 3), jnp.int32)
     a = generate(c, v, prompt, 6, temperature=1.0, rng=jax.random.key(0))
     b = generate(c, v, prompt, 6, temperature=1.0, rng=jax.random.key(0))
     np.testing.assert_array_equal(a, b)
+    # Another seed draws other tokens (the untrained model's next-token distribution is
+    # nearly uniform over 384 tokens: 12 equal draws in a row would have probability ~1e-31).
+    other = generate(c, v, prompt, 6, temperature=1.0, rng=jax.random.key(2))
+    assert (np.asarray(other)[:, 3:] != np.asarray(a)[:, 3:]).sum() >= 6
     # a vanishing nucleus keeps only the most likely token: sampling becomes greedy
     greedy = generate(c, v, prompt, 6)
+    assert (np.asarray(greedy) != np.asarray(a)).any()
     tiny_p = generate(c, v, prompt, 6, temperature=1.0, top_p=1e-6, rng=jax.random.key(1))
     np.testing.assert_array_equal(greedy, tiny_p)
 

@@ -6,17 +6,29 @@ checkpoints, evaluation, metrics.
       --config.model.num_hidden_layers=4            # any config field from the command line
   python -m dsv3_jax.sample --workdir=runs/default --prompt="def "
 
-A workdir holding checkpoints is resumed from its latest one. SIGTERM or Ctrl-C finishes the
-current step, saves and exits; run the same command again to continue. Bad input (unknown
-config field, mesh/device mismatch, empty data glob, seq_len beyond the model's positions, a
-tokenizer larger than the vocabulary, a workdir of a different model) stops with a one-line
-error and exit status 2 before anything is compiled or written.
+A workdir holding checkpoints is resumed from its latest one; a finished one says so and exits
+0. SIGTERM or Ctrl-C finishes the current step (or start-up stage: nothing is interrupted
+inside a compile), saves and exits with status 128 + the signal (130 for Ctrl-C, 143 for
+SIGTERM), so `train.py && …` stops there; run the same command again to continue. A second
+signal exits at once, keeping the latest complete checkpoint. Bad input (unknown config field
+or file, mesh/device mismatch, a model the mesh cannot split, empty data glob, seq_len beyond
+the model's positions, a tokenizer larger than the vocabulary, a workdir of a different model)
+stops with a one-line error and exit status 2 before anything is compiled or written.
 
 The logic lives in `dsv3_jax/training/`; this file is the linear story of one run.
 """
 
 import os
+import signal
 import sys
+
+_PROG = "train.py"
+# Until main() installs the real handler (dsv3_jax.training.signals): record, never raise. A
+# KeyboardInterrupt inside a compile or under orbax's threads ended in a segfault.
+_EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
 
 
 def _emulate_cpu_devices(argv: list[str]) -> None:
@@ -26,7 +38,7 @@ def _emulate_cpu_devices(argv: list[str]) -> None:
         if arg.startswith("--cpu_devices"):
             value = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
             if not value.isdigit() or int(value) < 1:
-                print(f"train.py: error: --cpu_devices={value!r}: must be a positive integer",
+                print(f"{_PROG}: error: --cpu_devices={value!r}: must be a positive integer",
                       file=sys.stderr)
                 sys.exit(2)
             kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -44,10 +56,29 @@ import time  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from dsv3_jax import cli  # noqa: E402
+from dsv3_jax.training import run_config  # noqa: E402
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Run config file (configs/*.py).",
-    lock_config=True)
+_CONFIGS_DIR = os.path.join(_HERE, "configs")
+_DEFAULT_CONFIG = os.path.join(_CONFIGS_DIR, "default.py")
+
+
+def _describe_parse_error(error: Exception, argv: list[str]) -> str:
+    return run_config.describe_override_error(error, argv, _DEFAULT_CONFIG)
+
+
+def _check_config_file(argv: list[str]) -> None:
+    run_config.check_config_file(run_config.config_file_arg(argv, _DEFAULT_CONFIG), _CONFIGS_DIR)
+
+
+try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Run config file (configs/*.py).", lock_config=True)
+except Exception as e:  # config_flags raises many exception types
+    # Without --config, config_flags loads the default file and resolves the --config.…
+    # overrides right here, at definition: an unknown field fails before any parser runs.
+    cli.fail(_PROG, _describe_parse_error(e, sys.argv))
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Where checkpoints and metrics go (default: runs/<config name>).")
 flags.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices (sets XLA_FLAGS).")
@@ -57,37 +88,32 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host run
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
 
 
-def _fail(message: str, status: int = 2) -> None:
-    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with any failure (e.g. an unknown config field) as a one-line error."""
-    from dsv3_jax.training.run_config import describe_override_error
-
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # absl and config_flags raise many exception types
-        _fail(describe_override_error(e, argv, os.path.join(_HERE, "configs", "default.py")))
-
-
 def main(argv):
     del argv
+    from dsv3_jax.training.signals import StopRequest
+
+    # First, before anything compiles: a signal only sets a flag, polled below at each stage.
+    stop = StopRequest(second_message=lambda name: (
+        f"{_PROG}: second {name}: exiting now without saving; the latest complete checkpoint "
+        "is kept")).install()
+    for signum in _EARLY_SIGNALS:
+        stop.record(signum)
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0
         logging.set_verbosity(logging.WARNING)
     import jax
     import jax.numpy as jnp
 
     from dsv3_jax.accounting import flops_per_token
-    from dsv3_jax.training import checkpoint, data, metrics, run_config, state, step
+    from dsv3_jax.training import checkpoint, data, metrics, state, step
     from dsv3_jax.training.placed_step import place_train_step
-    from dsv3_jax.training.signals import StopRequest
     from dsv3_jax.training.tokenizer import load_tokenizer
     from sharding import mesh as mesh_lib
     from sharding import placement
 
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+    except Exception as e:  # the parser loaded it once already: unlikely
+        cli.fail(_PROG, f"config file: {cli.first_line(e)}")
     config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
         flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("runs", config_name)
@@ -103,46 +129,68 @@ def main(argv):
         run_config.check_model_fits(config, model, tokenizer)
         run_config.check_mesh(config, jax.device_count(), model)
         checkpoint.check_workdir(workdir, model)
+        # Mesh, state shardings (abstract shapes only) and the jitted step, not yet compiled:
+        # every parameter or optimizer leaf the mesh cannot split is an error here.
+        mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES})
+        try:
+            placed = place_train_step(model, config, mesh)  # optimizer, shardings, step
+        except ValueError as e:
+            raise run_config.ConfigError(f"config.mesh: {e}") from None
         corpus = data.load_corpus(config.data, tokenizer)
         train_ds = data.train_dataset(
             corpus.train, seq_len=config.seq_len, global_batch=config.batch_size,
             seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count())
     except ValueError as e:  # ConfigError and the data/tokenizer checks
-        _fail(str(e))
+        cli.fail(_PROG, str(e))
     print(f"data: {corpus.description}; {len(corpus.train):,} train tokens, "
           f"{len(corpus.heldout):,} held-out tokens", flush=True)
+    if stop.requested:
+        print(f"stopped before starting ({stop.signal_name} received); nothing was written",
+              flush=True)
+        return stop.exit_status
 
-    # ---------------- Workdir: config beside the checkpoints, metrics -----------------------
+    # ---------------- Workdir: checkpoints, config beside them, metrics -----------------------
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # one writer per run (multi-host: all share the workdir)
-        checkpoint.write_config(workdir, config)
     checkpointer = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-
-    # ---------------- Mesh: the jitted functions below trace under it (sharding/) --------
-    mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES})
+    # Multi-host: process 0 writes the run's metrics; the others log beside them.
+    log_dir = workdir if jax.process_index() == 0 else os.path.join(
+        workdir, f"process_{jax.process_index()}")
     on_mesh = lambda fn: placement.on_mesh(fn, mesh, config.mesh.layout)
 
-    # ---------------- Model, optimizer and train state (restored if the workdir has one) ----
-    placed = place_train_step(model, config, mesh)  # optimizer, shardings, step
+    # ---------------- Train state: restored if the workdir has one, else created -------------
     train_iter = data.train_iterator(train_ds)
     train_state, start_step = checkpointer.restore(
         placed.abstract_state, train_iter, warn=lambda m: print(m, file=sys.stderr))
-    if train_state is None:  # created shard by shard: no full copy on any one device
+    finished = (metrics.eval_record(log_dir, start_step)
+                if start_step >= config.steps else None)
+    if finished is not None:  # nothing to train or evaluate: no compile
+        checkpointer.close()
+        print(f"already complete at step {start_step} (held-out "
+              f"{finished['eval_bits_per_byte']:.3f} bits/byte); raise --config.steps to "
+              "continue", flush=True)
+        return 0
+    if jax.process_index() == 0:  # one writer per run (multi-host: all share the workdir)
+        checkpoint.write_config(workdir, config)
+    if train_state is not None:
+        print(f"model: {model_summary(model)}; resumed from step {start_step}", flush=True)
+    elif not stop.requested:  # created shard by shard: no full copy on any one device
         train_state = on_mesh(jax.jit(lambda rng: state.create_state(model, placed.tx, rng),
                                       out_shardings=placed.shardings))(
             jax.random.key(config.seed))
         print(f"model: {model_summary(model)}; starting from scratch", flush=True)
-    else:
-        print(f"model: {model_summary(model)}; resumed from step {start_step}", flush=True)
-    # Multi-host: process 0 writes the run's metrics; the others log beside them.
-    log_dir = workdir if jax.process_index() == 0 else os.path.join(
-        workdir, f"process_{jax.process_index()}")
     os.makedirs(log_dir, exist_ok=True)
     writer = metrics.MetricWriter(log_dir, resume_step=start_step)
 
     # ---------------- Update and evaluation steps --------------------------------------------
-    train_step = on_mesh(placed.step)
+    last_step = min(config.steps, config.stop_after or config.steps)
+    train_step = None
+    if train_state is not None and start_step < last_step and not stop.requested:
+        # Compiled here, not on the first call, so a stop during the compile trains nothing.
+        batch_shape = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32,
+                                           sharding=placed.batch_sharding)
+        with placement.use_mesh(mesh, config.mesh.layout):
+            train_step = placed.step.lower(train_state, batch_shape).compile()
     eval_step = on_mesh(jax.jit(step.make_eval_step(model)))
     tokens_per_step = config.batch_size * config.seq_len
     model_flops = flops_per_token(model, config.seq_len) * tokens_per_step
@@ -165,12 +213,10 @@ def main(argv):
             "xz_bits_per_byte": xz_bpb, "eval_tokens": int(count)})
 
     # ---------------- Training loop ---------------------------------------------------------
-    last_step = min(config.steps, config.stop_after or config.steps)
-    stop = StopRequest().install()
     progress = metrics.Progress(total=config.steps, initial=start_step)
     throughput = metrics.Throughput()
     current = start_step
-    while current < last_step and not stop.requested:
+    while train_step is not None and current < last_step and not stop.requested:
         batch = next(train_iter)
         train_state, step_metrics = train_step(train_state, mesh_lib.global_batch(batch, mesh))
         current += 1
@@ -184,11 +230,11 @@ def main(argv):
             last_good = max(checkpoint.saved_steps(workdir), default=None)
             what = (f"loss ({total_loss})" if not math.isfinite(total_loss)
                     else f"gradient norm ({grad_norm})")
-            _fail(f"non-finite {what} at step {current}; last good checkpoint: "
-                  f"{last_good if last_good is not None else 'none'} in {workdir}", status=1)
+            cli.fail(_PROG, f"non-finite {what} at step {current}; last good checkpoint: "
+                     f"{last_good if last_good is not None else 'none'} in {workdir}", status=1)
         progress.update()
         if current == start_step + 1:
-            throughput.reset()  # the first step includes compilation
+            throughput.reset()  # the first step's figures include the data pipeline's start
         else:
             throughput.add(tokens_per_step)
         if current % config.log_every == 0 or current == last_step:
@@ -208,28 +254,32 @@ def main(argv):
         if current % config.checkpoint_every == 0:
             checkpointer.save(current, train_state, train_iter)
     progress.close()
-    stop.uninstall()
 
-    # ---------------- Final evaluation, checkpoint, where the results are --------------------
-    checkpointer.save(current, train_state, train_iter)
-    if current < config.steps:
-        checkpointer.close()
-        writer.close()
-        why = f"{stop.signal_name} received" if stop.requested else "config.stop_after reached"
-        print(f"stopped at step {current} of {config.steps} ({why}); checkpoint saved in "
-              f"{workdir}. Run the same command to resume.", flush=True)
-        return
+    # ---------------- Final checkpoint and evaluation, where the results are -----------------
     if current > start_step:
-        record = evaluate(current, config.final_eval_batches)
-        print(f"final held-out: loss {record['eval_loss']:.4f} nats/token, "
-              f"{record['eval_bits_per_byte']:.3f} bits/byte (xz -9e: {xz_bpb:.3f}) over "
-              f"{record['eval_tokens']:,} tokens", flush=True)
+        checkpointer.save(current, train_state, train_iter)
+    final = None
+    if current >= config.steps and not stop.requested:
+        final = evaluate(current, config.final_eval_batches)
+        print(f"final held-out: loss {final['eval_loss']:.4f} nats/token, "
+              f"{final['eval_bits_per_byte']:.3f} bits/byte (xz -9e: {xz_bpb:.3f}) over "
+              f"{final['eval_tokens']:,} tokens", flush=True)
     checkpointer.close()
     writer.close()
+    if final is None:  # stopped: by a signal (exit 128 + signal) or by config.stop_after (0)
+        why = f"{stop.signal_name} received" if stop.requested else "config.stop_after reached"
+        if current == start_step and stop.requested:
+            why += " during start-up"
+        saved = (f"checkpoint saved in {workdir}" if current > start_step
+                 else f"nothing new to save in {workdir}")
+        print(f"stopped at step {current} of {config.steps} ({why}); {saved}. Run the same "
+              "command to resume.", flush=True)
+        return stop.exit_status
     minutes = (time.time() - t_start) / 60
     print(f"done: {current} steps in {minutes:.1f} min. Results in {workdir}: metrics.jsonl, "
           f"TensorBoard (tensorboard --logdir {workdir}), checkpoints/. Sample with: "
           f"python -m dsv3_jax.sample --workdir={workdir} --prompt=\"def \"", flush=True)
+    return 0
 
 
 def model_summary(model) -> str:
@@ -241,4 +291,5 @@ def model_summary(model) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(_PROG, _describe_parse_error,
+                                                check=_check_config_file))

@@ -1,12 +1,16 @@
 """`python train.py` as a user runs it (subprocesses, tiny config, 1 CPU device).
 
-One 12-step reference run is shared: end to end (metrics.jsonl, TensorBoard, checkpoints,
-sampling), then an interrupted run (stop after 6, resume to 12), a corrupted latest checkpoint
-and a SIGTERM are compared against it — bit for bit on CPU where the run is the same. Bad input
-must fail with one line, exit status 2, and leave the workdir as it was.
+One 12-step reference run is shared: end to end (metrics.jsonl against bits/byte and xz computed
+here from the corpus, TensorBoard, checkpoints, sampling), then an interrupted run (stop after 6,
+resume to 12), a corrupted latest checkpoint, a finished run started again, and SIGTERM/SIGINT
+(during start-up, during training, twice) are compared against it — bit for bit on CPU where the
+run is the same. Bad input must fail with one line on stderr, exit status 2, and leave the
+workdir as it was (absent when it was).
 """
 
 import json
+import lzma
+import math
 import os
 import shutil
 import signal
@@ -56,10 +60,32 @@ def command(workdir, *extra) -> tuple[list[str], str]:
     return [sys.executable, TRAIN, f"--workdir={name}", *ARGS, *extra], parent
 
 
-def train(workdir, *extra, timeout=600) -> subprocess.CompletedProcess:
+def train(workdir, *extra, timeout=600, extra_env=None) -> subprocess.CompletedProcess:
     cmd, cwd = command(workdir, *extra)
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(workdir, *extra) -> subprocess.Popen:
+    """train.py in the background, its stdout read line by line (`wait_for`)."""
+    cmd, cwd = command(workdir, *extra)
+    return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+
+
+def wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
+    """stdout lines up to and including the first one starting with `prefix`."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"train.py exited ({proc.wait()}) before printing {prefix!r}: "
+                         f"{proc.stderr.read()[-3000:]}")
+
+
+def assert_clean_exit(stderr: str):
+    assert "Fatal Python error" not in stderr and "Traceback" not in stderr, stderr[-3000:]
 
 
 def records(workdir) -> list[dict]:
@@ -93,6 +119,25 @@ def reference(tmp_path_factory):
     return workdir, result
 
 
+def heldout_by_hand(workdir):
+    """(held-out token count, the held-out files' raw bytes) of the corpus the run used (its
+    config.json), the bytes read here from the files the path-hash split holds out."""
+    from dsv3_jax.training import checkpoint, data
+    from dsv3_jax.training.tokenizer import load_tokenizer
+
+    config = checkpoint.load_config(workdir)
+    assert config.data.source == "stdlib" and config.data.tokenizer == "byte"
+    corpus = data.load_corpus(config.data, load_tokenizer(config.data.tokenizer))
+    files = [path for rel, path in data.stdlib_files()
+             if data.is_heldout(rel, config.data.heldout_fraction)]
+    raw = b""
+    for path in files:
+        with open(path, "rb") as f:
+            raw += f.read()
+    assert len(corpus.heldout) == len(raw) + len(files)  # byte tokens + one separator per file
+    return len(corpus.heldout), raw
+
+
 def test_end_to_end_run(reference):
     workdir, result = reference
     steps = by_step(workdir)
@@ -106,26 +151,56 @@ def test_end_to_end_run(reference):
     assert max(steps[s]["loss"] for s in (10, 11, 12)) < steps[1]["loss"] - 1.0
     evals = by_step(workdir, "eval_loss")
     assert sorted(evals) == [8, 12]
+    # bits/byte = nats/token / ln 2 × tokens/byte of the held-out split, and the xz figure is
+    # lzma -9e on the very bytes the held-out files hold, both computed here independently.
+    tokens, raw = heldout_by_hand(workdir)
+    xz = 8 * len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)) / len(raw)
     for r in evals.values():
-        assert r["eval_bits_per_byte"] > 0 and 0 < r["xz_bits_per_byte"] < 3
+        assert r["eval_bits_per_byte"] == pytest.approx(
+            r["eval_loss"] / math.log(2) * tokens / len(raw), rel=1e-12)
+        assert r["xz_bits_per_byte"] == pytest.approx(xz, rel=1e-12)
+        assert r["eval_tokens"] == 2 * 4 * 32  # eval_batches × batch_size × seq_len
     assert evals[12]["eval_loss"] < evals[8]["eval_loss"] + 0.5
+    assert f"{evals[12]['eval_bits_per_byte']:.3f} bits/byte" in result.stdout
     files = os.listdir(workdir)
     assert "config.json" in files
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(
         os.path.join(workdir, "tensorboard")))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6", "9"]
+    assert "done: 12 steps" in result.stdout
     assert "python -m dsv3_jax.sample --workdir=run" in result.stdout
+
+
+def sample(workdir, *args) -> str:
+    """The continuation `python -m dsv3_jax.sample` prints after the prompt "def "."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dsv3_jax.sample", f"--workdir={workdir}", "--prompt=def ",
+         *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 12" in result.stderr
+    assert result.stdout.startswith("def ") and result.stdout.endswith("\n")
+    return result.stdout[len("def "):-1]
 
 
 def test_sample_from_the_run(reference):
     workdir, _ = reference
-    result = subprocess.run(
-        [sys.executable, "-m", "dsv3_jax.sample", f"--workdir={workdir}", "--prompt=def ",
-         "--max_new_tokens=8", "--temperature=0"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("def ")
-    assert "step 12" in result.stderr
+    greedy = sample(workdir, "--max_new_tokens=8", "--temperature=0", "--seed=0")
+    # Greedy decoding ignores the seed.
+    assert sample(workdir, "--max_new_tokens=8", "--temperature=0", "--seed=1") == greedy
+    # Byte tokenizer: 8 new tokens are 8 bytes, unless a document separator ended the text —
+    # then a larger budget stops at the same place.
+    assert greedy, "nothing generated"
+    if len(greedy.encode()) != 8:
+        assert len(greedy.encode()) < 8
+        assert sample(workdir, "--max_new_tokens=16", "--temperature=0") == greedy
+
+
+@pytest.mark.slow
+def test_sample_temperature_uses_the_seed(reference):
+    workdir, _ = reference
+    a, b = (sample(workdir, "--max_new_tokens=16", "--temperature=1.0", f"--seed={seed}")
+            for seed in (0, 1))
+    assert a and b and a != b
 
 
 def test_exact_resume(reference, tmp_path):
@@ -163,23 +238,35 @@ def test_corrupted_latest_checkpoint_falls_back(reference, tmp_path):
         assert exact(ours[s]) == exact(theirs[s]), s
 
 
-@pytest.mark.slow
-def test_sigterm_saves_and_resumes(tmp_path):
+def test_finished_run_says_so(reference, tmp_path):
+    ref, _ = reference
     workdir = str(tmp_path / "run")
-    cmd, cwd = command(workdir, "--config.steps=100000", "--config.checkpoint_every=100000")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics_path) and len(records(workdir)) >= 3:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    shutil.copytree(ref, workdir)
+    before = snapshot(workdir)
+    result = train(workdir, extra_env={"JAX_LOG_COMPILES": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    bpb = by_step(workdir, "eval_loss")[12]["eval_bits_per_byte"]
+    assert result.stdout.splitlines()[-1] == (
+        f"already complete at step 12 (held-out {bpb:.3f} bits/byte); raise --config.steps to "
+        "continue")
+    assert "Compiling jit(train_step)" not in result.stderr  # nothing to train: no compile
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_and_resumes(sig, tmp_path):
+    """A signal during training: the step finishes, is saved, and the exit status says the run
+    did not finish (128 + signal: 143 for SIGTERM, 130 for SIGINT)."""
+    workdir = str(tmp_path / "run")
+    proc = start(workdir, "--config.steps=100000", "--config.checkpoint_every=100000")
+    wait_for(proc, "step 3/")
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert_clean_exit(err)
     stopped = max(by_step(workdir))
-    assert f"stopped at step {stopped} of 100000 (SIGTERM received)" in out
+    assert f"stopped at step {stopped} of 100000 ({sig.name} received); checkpoint saved" in out
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped)))
     again = train(workdir, "--config.steps=100000", "--config.checkpoint_every=100000",
                   f"--config.stop_after={stopped + 2}")
@@ -187,6 +274,45 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert f"resumed from step {stopped}" in again.stdout
     logged = [r["step"] for r in records(workdir) if "loss" in r]
     assert logged == list(range(1, stopped + 3))  # each step once: no gap, no duplicate
+
+
+@pytest.mark.slow
+def test_sigint_during_startup(reference, tmp_path):
+    """Ctrl-C while the state is created and the step compiles: no step is trained, exit 130
+    (no segfault, no traceback), and the same command then runs the reference run exactly."""
+    ref, _ = reference
+    workdir = str(tmp_path / "run")
+    proc = start(workdir)
+    wait_for(proc, "data:")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert_clean_exit(err)
+    assert "stopped" in out and "(SIGINT received" in out, out
+    assert "step 1/" not in out
+    again = train(workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [exact(r) for r in records(workdir)] == [exact(r) for r in records(ref)]
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(reference, tmp_path):
+    ref, _ = reference
+    workdir = str(tmp_path / "run")
+    proc = start(workdir)
+    wait_for(proc, "data:")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    t = time.time()
+    out, err = proc.communicate(timeout=300)
+    assert time.time() - t < 10  # not after the compiles
+    assert proc.returncode == 130, err[-3000:]
+    assert_clean_exit(err)
+    assert err.strip().splitlines()[-1].startswith("train.py: second SIGINT: exiting now")
+    again = train(workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [exact(r) for r in records(workdir)] == [exact(r) for r in records(ref)]
 
 
 def test_non_finite_loss_names_the_step(tmp_path):
@@ -212,25 +338,45 @@ def big_tokenizer(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("case", ["unknown_field", "mesh", "empty_glob", "seq_len", "tokenizer",
-                                  "different_model"])
-def test_bad_input_fails_before_compiling(case, reference, big_tokenizer, tmp_path):
+BAD_INPUT = {  # case: (arguments, what the one line says, arguments replace ARGS)
+    "unknown_field": (["--config.model.hidden_sizes=8"],
+                      "unknown config field 'config.model.hidden_sizes'; did you mean "
+                      "'hidden_size'?", False),
+    # No --config: config_flags resolves overrides of the default file at flag definition.
+    "unknown_field_default_config": (["--config.model.hidden_sizee=5"],
+                                     "did you mean 'hidden_size'?", True),
+    "missing_config_file": (["--config=configs/nope.py"],
+                            "config file 'configs/nope.py' does not exist; available: ", True),
+    "mesh": (["--config.mesh.data=2"], "config.mesh"),
+    "mesh_splits_model": (["--cpu_devices=8", "--config.mesh.fsdp=8",
+                           "--config.model.hidden_size=100", "--config.batch_size=8"],
+                          "dimension 1 ('embed', size 100, set by ModelConfig.hidden_size) is "
+                          "not divisible by mesh axes fsdp=8"),
+    "batch_mesh": (["--cpu_devices=2", "--config.mesh.data=2", "--config.batch_size=3"],
+                   "config.batch_size=3 must be divisible by the 2 batch shards"),
+    "empty_glob": (["--config.data.source={tmp}/none/*.txt"], "matches no files"),
+    "seq_len": (["--config.seq_len=4096"], "max_position_embeddings=1024"),
+    "tokenizer": (["--config.data.tokenizer={tokenizer}"], "500 tokens"),
+    "different_model": (["--config.model.hidden_size=128"], "different model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_one_line_exit_2_nothing_written(case, reference, big_tokenizer, tmp_path):
     ref, _ = reference
-    args, expected = {
-        "unknown_field": (["--config.model.hidden_sizes=8"], "unknown config field"),
-        "mesh": (["--config.mesh.data=2"], "config.mesh"),
-        "empty_glob": ([f"--config.data.source={tmp_path}/none/*.txt"], "matches no files"),
-        "seq_len": (["--config.seq_len=4096"], "max_position_embeddings=1024"),
-        "tokenizer": ([f"--config.data.tokenizer={big_tokenizer}"], "500 tokens"),
-        "different_model": (["--config.model.hidden_size=128"], "different model"),
-    }[case]
+    args, expected, *replace = BAD_INPUT[case]
+    args = [a.format(tmp=tmp_path, tokenizer=big_tokenizer) for a in args]
     workdir = ref if case == "different_model" else str(tmp_path / "fresh")
     before = snapshot(workdir) if os.path.exists(workdir) else None
-    result = train(workdir, *args, timeout=120)
+    if replace and replace[0]:
+        result = subprocess.run([sys.executable, TRAIN, "--workdir=fresh", *args], cwd=tmp_path,
+                                env=env(), capture_output=True, text=True, timeout=120)
+    else:
+        result = train(workdir, *args, timeout=120)
     assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("train.py: error: ") and expected in errors[0], errors[0]
     if before is None:
         assert not os.path.exists(workdir)
     else:

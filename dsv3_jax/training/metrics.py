@@ -44,6 +44,18 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def eval_record(workdir: str, step: int) -> dict | None:
+    """The last evaluation (a record with `eval_bits_per_byte`) logged at `step` in
+    WORKDIR/metrics.jsonl, or None (no file, no such record, or an unreadable file)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    try:
+        found = [r for r in read_jsonl(path)
+                 if r.get("step") == step and "eval_bits_per_byte" in r]
+    except (OSError, ValueError):
+        return None
+    return found[-1] if found else None
+
+
 class MetricWriter:
     """Appends scalars to metrics.jsonl and TensorBoard; on resume trims lines past `step`."""
 

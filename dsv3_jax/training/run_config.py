@@ -10,8 +10,11 @@ before compilation live here and raise `ConfigError` with a one-line message nam
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import glob
 import importlib.util
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -166,14 +169,58 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def describe_override_error(error: Exception, argv: list[str], default_file: str) -> str:
-    """One line for a failed flag parse, naming an unknown `--config.…` field if that was it."""
+def config_file_arg(argv: list[str], default_file: str) -> str:
+    """The config file a command line names (the last `--config=`/`--config FILE`), else the
+    default."""
     config_file = default_file
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             config_file = arg.partition("=")[2]
+        elif arg == "--config" and i + 1 < len(argv):
+            config_file = argv[i + 1]
+    return config_file
+
+
+def check_config_file(path: str, configs_dir: str) -> None:
+    """ConfigError naming `path` (and the config files there are) unless it loads.
+
+    `path` may carry config_flags' ":arg" suffix; relative paths are relative to the current
+    directory, as config_flags reads them.
+    """
+    file = path.partition(":")[0]
+    if not os.path.isfile(file):
+        available = []
+        for candidate in sorted(glob.glob(os.path.join(configs_dir, "*.py"))):
+            rel = os.path.relpath(candidate)
+            available.append(candidate if rel.startswith("..") else rel)
+        what = "is not a file" if os.path.exists(file) else "does not exist"
+        raise ConfigError(f"config file {file!r} {what}; available: {', '.join(available)}")
     try:
-        config = load_config_file(config_file)
+        load_config_file(path)
+    except Exception as e:  # anything a config file can raise
+        lines = str(e).strip().splitlines()
+        raise ConfigError(f"config file {file!r} failed to load: {type(e).__name__}"
+                          f"{': ' + lines[0] if lines else ''}") from None
+
+
+def unknown_field_message(path: list[str], node) -> str:
+    """'unknown config field …; did you mean …? (fields of …: …)' for `path`, whose last key
+    is missing from `node` (the ConfigDict at `path[:-1]`)."""
+    where = "config" + "".join("." + k for k in path[:-1])
+    if not isinstance(node, ml_collections.ConfigDict):
+        return (f"unknown config field {'config.' + '.'.join(path)!r} ({where} is "
+                f"{type(node).__name__}, not a ConfigDict)")
+    close = difflib.get_close_matches(path[-1], list(node.keys()), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"unknown config field {'config.' + '.'.join(path)!r}{hint} (fields of {where}: "
+            f"{', '.join(sorted(node.keys()))})")
+
+
+def describe_override_error(error: Exception, argv: list[str], default_file: str) -> str:
+    """One line for a failed flag parse, naming an unknown `--config.…` field if that was it
+    (with the closest known field)."""
+    try:
+        config = load_config_file(config_file_arg(argv, default_file))
     except Exception:  # the config file itself is broken: absl's message says how
         config = None
     for arg in argv:
@@ -183,11 +230,7 @@ def describe_override_error(error: Exception, argv: list[str], default_file: str
         node = config
         for i, key in enumerate(path):
             if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-                where = "config" + "".join("." + k for k in path[:i])
-                known = ", ".join(sorted(node.keys())) if isinstance(
-                    node, ml_collections.ConfigDict) else "none: not a ConfigDict"
-                return (f"unknown config field {'config.' + '.'.join(path[:i + 1])!r} "
-                        f"(fields of {where}: {known})")
+                return unknown_field_message(path[:i + 1], node)
             node = node[key]
     message = str(error).strip().splitlines()
     return message[0] if message else type(error).__name__

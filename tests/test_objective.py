@@ -230,17 +230,25 @@ def is_norm_scale(name):
     return name.endswith("/weight")  # RMSNorm scales: vectors per layer, never decayed
 
 
-def optimizer_setup(**overrides):
-    c = tiny_run(**overrides)
+@pytest.fixture(scope="module")
+def adamw():
+    """make_optimizer with non-default hyperparameters (so each must come from the config),
+    and one jitted update shared by the tests (one compile)."""
+    c = tiny_run(learning_rate=0.01, end_lr_ratio=0.1, warmup_steps=0, steps=4, adam_b1=0.8,
+                 adam_b2=0.99, weight_decay=0.2, grad_clip_norm=0.5)
     model = run_config.model_config(c)
-    return c, model, random_params(model), state.make_optimizer(c, model)
+    tx = state.make_optimizer(c, model)
+
+    @jax.jit
+    def apply(g, opt_state, p):
+        updates, opt_state = tx.update(g, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state
+
+    return c, random_params(model), tx, apply
 
 
-def test_optimizer_two_steps_match_numpy_adamw():
-    # Non-default hyperparameters, so each must come from the config.
-    c, model, params, tx = optimizer_setup(
-        learning_rate=0.01, end_lr_ratio=0.1, warmup_steps=0, steps=4, adam_b1=0.8,
-        adam_b2=0.99, weight_decay=0.2, grad_clip_norm=0.5)
+def test_optimizer_two_steps_match_numpy_adamw(adamw):
+    c, params, tx, apply = adamw
     rng = np.random.default_rng(3)
     names = list(flat(params))
     # Gradients of very different global norms (≈ 60 and ≈ 3, both clipped to 0.5): the
@@ -253,12 +261,6 @@ def test_optimizer_two_steps_match_numpy_adamw():
     treedef = jax.tree.structure(params)
     as_tree = lambda d: jax.tree.unflatten(treedef, [jnp.asarray(d[k], jnp.float32)
                                                      for k in names])
-
-    @jax.jit
-    def apply(g, opt_state, p):
-        updates, opt_state = tx.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state
-
     opt_state, p = tx.init(params), params
     for g in grads:
         p, opt_state = apply(as_tree(g), opt_state, p)
@@ -290,16 +292,14 @@ def test_optimizer_two_steps_match_numpy_adamw():
     assert np.median(moved) > 5e-3
 
 
-def test_optimizer_decays_matrices_only():
+def test_optimizer_decays_matrices_only(adamw):
     """Zero gradients: Adam's step is 0/(0+eps) = 0, so only decoupled weight decay acts:
     matrices (embedding, head, every kernel) shrink by lr·wd·p, norm scales stay."""
-    c, model, params, tx = optimizer_setup(learning_rate=0.01, warmup_steps=0, steps=4,
-                                           weight_decay=0.2)
+    c, params, tx, apply = adamw
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
-    new, old = flat(optax.apply_updates(params, updates)), flat(params)
+    new, old = flat(apply(zeros, tx.init(params), params)[0]), flat(params)
     assert sum(is_norm_scale(k) for k in old) == 2 * 4 + 2 * (4 + 3) + 1  # per-block norms ×4
     # (2 scanned blocks, 2 MTP blocks), MTP enorm/hnorm/shared_head_norm ×2, final norm
     for k in old:
-        factor = 1.0 if is_norm_scale(k) else 1 - 0.01 * 0.2
+        factor = 1.0 if is_norm_scale(k) else 1 - 0.01 * 0.2  # lr(0) · wd
         np.testing.assert_allclose(new[k], old[k] * factor, rtol=1e-6, err_msg=k)

@@ -1,22 +1,27 @@
-"""Building blocks: RMSNorm, the one projection helper every matmul goes through, SwiGLU.
+"""Building blocks: RMSNorm, the two matmul entry points, SwiGLU.
 
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`) so that
 `sharding/` can place it on a mesh without any change here. Logical names used in the model:
 vocab, embed, heads, q_lora, kv_lora, qk_nope, qk_rope, v_head, mlp, expert, layers.
 
-`Einsum` is the precision plug-in point: it owns a weight and contracts it with an activation
-through `matmul`, so a precision recipe (FP8 delayed or blockwise scaling) replaces one function
-and no model code.
+Two matmul entry points keep precision recipes where they belong:
+  * `project` — a weight projection, under the config's FP8 recipe (`dsv3_jax/fp8.py`);
+  * `product` — activation by activation (attention scores, probs·V) and the float32 router:
+    always in high precision, so no recipe can quantize them.
+`Einsum` owns a weight and projects through `project`; modules outside V3's FP8 scope (the
+LM head, the MTP eh_proj) pass `fp8=False`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import fp8 as fp8_lib
 from dsv3_jax.config import ModelConfig
 
 Array = jax.Array
@@ -26,19 +31,40 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def matmul(eqn: str, x: Array, w: Array, dtype: jnp.dtype, out_dtype=None) -> Array:
-    """The model's one matmul: both operands in the compute dtype, fp32 accumulation,
-    result in `out_dtype` (default: the compute dtype)."""
-    out = jnp.einsum(eqn, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+def product(eqn: str, a: Array, b: Array, dtype: jnp.dtype, out_dtype=None) -> Array:
+    """Activation × activation (or the router): both operands in `dtype`, fp32 accumulation,
+    result in `out_dtype` (default `dtype`). Never quantized."""
+    out = jnp.einsum(eqn, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype if out_dtype is None else out_dtype)
+
+
+class Weight(NamedTuple):
+    """A projection's kernel and, under the delayed FP8 recipe, its GEMM's scaling state."""
+
+    kernel: Array
+    fp8_state: dict | None = None
+
+
+def project(eqn: str, x: Array, w: Weight, config: ModelConfig, out_dtype=None,
+            fp8: bool = True) -> Array:
+    """A weight projection `einsum(eqn, x, w.kernel)`: operands in the compute dtype, fp32
+    accumulation, under `config.fp8` unless `fp8=False`; result in `out_dtype` (default: the
+    compute dtype)."""
+    dtype = dtype_of(config.dtype)
+    recipe = config.fp8 if fp8 else "none"
+    out = fp8_lib.project(eqn, x.astype(dtype), w.kernel.astype(dtype), recipe, w.fp8_state,
+                          config.fp8_margin)
     return out.astype(dtype if out_dtype is None else out_dtype)
 
 
 class Einsum(nn.Module):
     """A weight of `shape` (logical `axes`) contracted with an activation by `eqn`.
 
-    The weight is stored in `param_dtype`; the product runs in `dtype`. The equation is given
-    per call so one weight can serve several contractions (MLA's absorbed decode folds `kv_b`
-    into the query with a different equation than the full path uses).
+    The weight is stored in `param_dtype`; the product runs in `dtype` under the FP8 recipe
+    (`fp8=False`: outside V3's FP8 scope). The equation is given per call so one weight can
+    serve several contractions (MLA's absorbed decode folds `kv_b` into the query with a
+    different equation than the full path uses). Under the delayed recipe the GEMM's scaling
+    state is the variable `fp8/kernel` (`fp8.init_state`).
     """
 
     shape: Sequence[int]
@@ -46,15 +72,23 @@ class Einsum(nn.Module):
     config: ModelConfig
     init_std: float | None = None
     out_dtype: str | None = None  # e.g. float32 logits from a bf16 model
+    fp8: bool = True
 
     def setup(self):
-        std = self.config.initializer_range if self.init_std is None else self.init_std
+        c = self.config
+        std = c.initializer_range if self.init_std is None else self.init_std
         init = nn.with_logical_partitioning(nn.initializers.normal(std), tuple(self.axes))
-        self.kernel = self.param("kernel", init, tuple(self.shape),
-                                 dtype_of(self.config.param_dtype))
+        self.kernel = self.param("kernel", init, tuple(self.shape), dtype_of(c.param_dtype))
+        self.state = None
+        if self.fp8 and c.fp8 == "delayed":
+            self.state = self.variable("fp8", "kernel", fp8_lib.init_state,
+                                       c.fp8_amax_history_length)
+
+    def weight(self) -> Weight:
+        return Weight(self.kernel, None if self.state is None else self.state.value)
 
     def __call__(self, eqn: str, x: Array) -> Array:
-        return matmul(eqn, x, self.kernel, dtype_of(self.config.dtype), self.out_dtype)
+        return project(eqn, x, self.weight(), self.config, self.out_dtype, self.fp8)
 
 
 class RMSNorm(nn.Module):

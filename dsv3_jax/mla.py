@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, matmul
+from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, product
 from dsv3_jax.rope import apply_rope, softmax_scale
 
 
@@ -111,19 +111,19 @@ class MLA(nn.Module):
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
             q_latent = self.kv_b_proj_k("BTNH,CNH->BTNC", q_nope)
-            scores = (matmul("BTNC,BSC->BNTS", q_latent, cache.c_kv, dtype)
-                      + matmul("BTNR,BSR->BNTS", q_pe, cache.k_pe, dtype))
+            scores = (product("BTNC,BSC->BNTS", q_latent, cache.c_kv, dtype)
+                      + product("BTNR,BSR->BNTS", q_pe, cache.k_pe, dtype))
             probs = _masked_softmax(scores, mask, self.config)
-            out_latent = matmul("BNTS,BSC->BTNC", probs, cache.c_kv, dtype)
+            out_latent = product("BNTS,BSC->BTNC", probs, cache.c_kv, dtype)
             out = self.kv_b_proj_v("BTNC,CNA->BTNA", out_latent)
         else:
             k_nope = self.kv_b_proj_k("BSC,CNH->BSNH", c_kv)
             v = self.kv_b_proj_v("BSC,CNA->BSNA", c_kv)
             mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
-            scores = (matmul("BTNH,BSNH->BNTS", q_nope, k_nope, dtype)
-                      + matmul("BTNR,BSR->BNTS", q_pe, k_pe, dtype))
+            scores = (product("BTNH,BSNH->BNTS", q_nope, k_nope, dtype)
+                      + product("BTNR,BSR->BNTS", q_pe, k_pe, dtype))
             probs = _masked_softmax(scores, mask, self.config)
-            out = matmul("BNTS,BSNA->BTNA", probs, v, dtype)
+            out = product("BNTS,BSNA->BTNA", probs, v, dtype)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "v_head"))
         return self.o_proj("BTNA,NAD->BTD", out), cache
 

@@ -70,7 +70,7 @@ def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str)
         block = nn.remat(Block, policy=policy, prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "fp8": 0},  # per-layer FP8 scaling state, like params
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0),
         length=length,
@@ -90,7 +90,8 @@ class MTPModule(nn.Module):
         D = c.hidden_size
         joined = jnp.concatenate([RMSNorm(D, c, name="enorm")(emb),
                                   RMSNorm(D, c, name="hnorm")(h)], axis=-1)
-        x = Einsum((2 * D, D), (None, "embed"), c, name="eh_proj")("BTX,XD->BTD", joined)
+        x = Einsum((2 * D, D), (None, "embed"), c, fp8=False, name="eh_proj")("BTX,XD->BTD",
+                                                                              joined)
         x, (cache, counts, balance) = Block(c, moe=True, absorb=self.absorb, name="block")(
             x, positions, cache_index, bias, cache)
         return RMSNorm(D, c, name="shared_head_norm")(x), cache, counts, balance
@@ -153,7 +154,7 @@ class DeepSeekV3(nn.Module):
                 cache["moe"] = new
         hidden = RMSNorm(c.hidden_size, c, name="norm")(x)
         head = Einsum((c.hidden_size, c.vocab_size), ("embed", "vocab"), c, out_dtype="float32",
-                      name="lm_head")
+                      fp8=False, name="lm_head")  # high precision, as in V3
         logits = head("BTD,DV->BTV", hidden)
 
         mtp_logits = []

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Einsum, SwiGLU, dtype_of, matmul
+from dsv3_jax.layers import Einsum, SwiGLU, Weight, product, project
 
 
 class Routing(NamedTuple):
@@ -171,21 +171,24 @@ def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
     return jnp.concatenate([x, pad], axis=0)[index]
 
 
-def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, kernels, dtype) -> jax.Array:
+def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
+                   config: ModelConfig) -> jax.Array:
     """[P, b, D] token blocks, block p through expert block_expert[p] of
-    kernels = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's weights gathered."""
-    gate, up, down = (k[block_expert] for k in kernels)
-    g = matmul("PbD,PDF->PbF", x_blocks, gate, dtype)
-    u = matmul("PbD,PDF->PbF", x_blocks, up, dtype)
-    return matmul("PbF,PFD->PbD", jax.nn.silu(g) * u, down, dtype)
+    weights = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's kernels gathered.
+    The projections run under the config's FP8 recipe (one GEMM state per expert tensor)."""
+    gate, up, down = (Weight(w.kernel[block_expert], w.fp8_state) for w in weights)
+    g = project("PbD,PDF->PbF", x_blocks, gate, config)
+    u = project("PbD,PDF->PbF", x_blocks, up, config)
+    return project("PbF,PFD->PbD", jax.nn.silu(g) * u, down, config)
 
 
-def batched_swiglu(x_ecd: jax.Array, kernels, dtype) -> jax.Array:
-    """[E, C, D] per-expert slots through the E experts of `kernels` (as `grouped_swiglu`)."""
-    gate, up, down = kernels
-    g = matmul("ECD,EDF->ECF", x_ecd, gate, dtype)
-    u = matmul("ECD,EDF->ECF", x_ecd, up, dtype)
-    return matmul("ECF,EFD->ECD", jax.nn.silu(g) * u, down, dtype)
+def batched_swiglu(x_ecd: jax.Array, weights: tuple[Weight, ...],
+                   config: ModelConfig) -> jax.Array:
+    """[E, C, D] per-expert slots through the E experts of `weights` (as `grouped_swiglu`)."""
+    gate, up, down = weights
+    g = project("ECD,EDF->ECF", x_ecd, gate, config)
+    u = project("ECD,EDF->ECF", x_ecd, up, config)
+    return project("ECF,EFD->ECD", jax.nn.silu(g) * u, down, config)
 
 
 class RoutedExperts(nn.Module):
@@ -200,19 +203,19 @@ class RoutedExperts(nn.Module):
         self.up_proj = Einsum((E, D, F), ("expert", "embed", "mlp"), c)
         self.down_proj = Einsum((E, F, D), ("expert", "mlp", "embed"), c)
 
-    def kernels(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(gate [E, D, F], up [E, D, F], down [E, F, D]). The expert matmuls go straight through
-        `layers.matmul` on these (with a per-block gather in the dropless path), locally and
-        under expert parallelism alike."""
-        return self.gate_proj.kernel, self.up_proj.kernel, self.down_proj.kernel
+    def weights(self) -> tuple[Weight, Weight, Weight]:
+        """(gate [E, D, F], up [E, D, F], down [E, F, D]) with their FP8 states. The expert
+        projections go straight through `layers.project` on these (with a per-block gather in
+        the dropless path), locally and under expert parallelism alike."""
+        return self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()
 
     def grouped(self, x_blocks: jax.Array, block_expert: jax.Array) -> jax.Array:
         """[P, b, D] token blocks, block p computed by expert block_expert[p]."""
-        return grouped_swiglu(x_blocks, block_expert, self.kernels(), dtype_of(self.config.dtype))
+        return grouped_swiglu(x_blocks, block_expert, self.weights(), self.config)
 
     def batched(self, x_ecd: jax.Array) -> jax.Array:
         """[E, C, D] per-expert slots (capacity mode)."""
-        return batched_swiglu(x_ecd, self.kernels(), dtype_of(self.config.dtype))
+        return batched_swiglu(x_ecd, self.weights(), self.config)
 
 
 def expert_shards() -> int:
@@ -221,7 +224,7 @@ def expert_shards() -> int:
     return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
 
 
-# (tokens [N, D], Routing, kernels (gate, up, down), config) -> [N, D]: the routed experts'
+# (tokens [N, D], Routing, weights (gate, up, down), config) -> [N, D]: the routed experts'
 # weighted output, computed across the mesh's `expert` axis.
 ExpertParallel = Callable[[jax.Array, Routing, tuple, ModelConfig], jax.Array]
 _EXPERT_PARALLEL: contextvars.ContextVar[ExpertParallel | None] = contextvars.ContextVar(
@@ -259,16 +262,16 @@ class MoE(nn.Module):
         c = self.config
         B, T, D = x.shape
         E, K = c.n_routed_experts, c.num_experts_per_tok
-        gate = Einsum((D, E), ("embed", None), c, name="gate")
+        gate = Einsum((D, E), ("embed", None), c, fp8=False, name="gate")  # router: fp32
         tokens = x.reshape(B * T, D)
-        logits = matmul("ND,DE->NE", tokens, gate.kernel, jnp.float32)
+        logits = product("ND,DE->NE", tokens, gate.kernel, jnp.float32)
         shards = expert_shards()
         routing = route(logits, bias, c, expert_shards=shards)
 
         experts = RoutedExperts(c, name="experts")
         N = B * T
         if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
-            y = _expert_parallel_strategy(shards)(tokens, routing, experts.kernels(), c)
+            y = _expert_parallel_strategy(shards)(tokens, routing, experts.weights(), c)
             counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
         else:
             if c.capacity_factor is None:

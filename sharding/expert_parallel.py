@@ -38,7 +38,9 @@ What travels: token rows in the compute dtype, ids (int32) and weights (fp32) ou
 partial sums in the compute dtype back (V3 combines in BF16 as well).
 
 The expert SwiGLU is the model's own (`moe.grouped_swiglu` / `moe.batched_swiglu` over the raw
-kernels, through `layers.matmul`), the same code the local paths run; a precision recipe that
+weights, through `layers.project`), the same code the local paths run, under the same FP8
+recipe: a delayed-scaling state enters replicated, its amaxes are pmax-ed over every mesh axis
+inside (`fp8._amax`), so its cotangent is the same on every device; a precision recipe that
 keeps per-module state must cover those two functions.
 """
 
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import dtype_of
+from dsv3_jax.layers import Weight, dtype_of
 from dsv3_jax.moe import Routing, batched_swiglu, gather_rows, grouped_swiglu, plan_slots
 from sharding.mesh import BATCH_AXES
 
@@ -60,7 +62,7 @@ EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
 
-def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: ModelConfig,
+def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, states, *, config: ModelConfig,
                 num_shards: int, tensor_split: bool):
     """Dispatch → local experts → combine, for one device's tokens (see the module docstring).
 
@@ -68,6 +70,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
       x: [n, D] tokens; experts: [n, K] global expert ids; weights: [n, K] combine weights;
       valid: [n] False for padding rows (never sent).
       w_gate, w_up: [El, D, F] this shard's experts; w_down: [El, F, D].
+      states: their FP8 delayed-scaling states (gate, up, down), or Nones.
     Returns:
       [n, D] routed-expert output in x's dtype.
     """
@@ -76,6 +79,8 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
     X, E = num_shards, config.n_routed_experts
     El = E // X
     dtype = dtype_of(config.dtype)
+    local_weights = tuple(Weight(k, s) for k, s in zip((w_gate, w_up, w_down), states,
+                                                       strict=True))
     cf = config.capacity_factor
     C = n if cf is None else min(n, math.ceil(cf * n * K / X))
 
@@ -107,7 +112,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
         # Blocks of the "elsewhere" bin are computed (static shapes) but never read back.
         block_expert = jnp.minimum(plan.block_expert, El - 1)
         x_blocks = gather_rows(x_r, plan.token).reshape(-1, b, D)
-        y_slots = grouped_swiglu(x_blocks, block_expert, (w_gate, w_up, w_down), dtype)
+        y_slots = grouped_swiglu(x_blocks, block_expert, local_weights, config)
         y_slots = y_slots.reshape(-1, D)
         slot = jnp.where(mine, plan.slot, y_slots.shape[0])
     else:
@@ -115,7 +120,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
         plan = plan_slots(local, El + 1, capacity=capacity)
         kept = El * capacity  # the "elsewhere" bin's slots come last and are not computed
         x_slots = gather_rows(x_r, plan.token[:kept]).reshape(El, capacity, D)
-        y_slots = batched_swiglu(x_slots, (w_gate, w_up, w_down), dtype).reshape(kept, D)
+        y_slots = batched_swiglu(x_slots, local_weights, config).reshape(kept, D)
         slot = jnp.where(mine & (plan.slot < kept), plan.slot, kept)
     y_assign = gather_rows(y_slots, slot)  # [R, K, D]; zero rows for others' / dropped
     y_part = jnp.einsum("RKD,RK->RD", y_assign.astype(jnp.float32), jnp.where(mine, w, 0.0))
@@ -130,7 +135,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, *, config: Mod
 
 
 def routed_experts(tokens: jax.Array, routing: Routing,
-                   kernels: tuple[jax.Array, jax.Array, jax.Array],
+                   weights: tuple[Weight, Weight, Weight],
                    config: ModelConfig) -> jax.Array:
     """Routed-expert output Σ_k w_k·expert_k(x) with experts split over the `expert` mesh axis.
 
@@ -141,7 +146,8 @@ def routed_experts(tokens: jax.Array, routing: Routing,
     Args:
       tokens: [N, D] layer input.
       routing: the router's weights/experts [N, K].
-      kernels: (gate [E, D, F], up [E, D, F], down [E, F, D]) expert weights.
+      weights: (gate [E, D, F], up [E, D, F], down [E, F, D]) expert weights and their FP8
+        states (`RoutedExperts.weights()`).
       config: the model config (capacity_factor, expert_block_size, dtype).
     Returns:
       [N, D] in the tokens' dtype (the weighted sum of routed experts, no shared expert).
@@ -165,7 +171,8 @@ def routed_experts(tokens: jax.Array, routing: Routing,
     y = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(tok, tok, tok, tok, P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, None, tensor),
-                  P(EXPERT_AXIS, tensor, None)),
+                  P(EXPERT_AXIS, tensor, None), P()),
         out_specs=tok,
-    )(rows(tokens), rows(routing.experts), rows(routing.weights), valid, *kernels)
+    )(rows(tokens), rows(routing.experts), rows(routing.weights), valid,
+      *(w.kernel for w in weights), tuple(w.fp8_state for w in weights))
     return y[:N]

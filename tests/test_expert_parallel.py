@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import ModelConfig
+from dsv3_jax.layers import Weight
 from dsv3_jax.moe import route
 from sharding import mesh as mesh_lib
 from sharding.expert_parallel import routed_experts
@@ -48,7 +49,8 @@ def run_parallel(config, mesh_config, tokens, kernels, logits, bias):
     @jax.jit
     def fn(tokens, kernels, logits, bias):
         routing = route(logits, bias, config, expert_shards=shards)
-        return routing, routed_experts(tokens, routing, kernels, config)
+        weights = tuple(Weight(k) for k in kernels)
+        return routing, routed_experts(tokens, routing, weights, config)
 
     with jax.set_mesh(mesh):
         return fn(tokens, kernels, logits, bias)

@@ -204,7 +204,7 @@ def main(argv):
                                          batch_size=config.batch_size, max_batches=max_batches):
             n, c = eval_step(train_state.params, train_state.moe_bias,
                              mesh_lib.batch_from_global(x, mesh),
-                             mesh_lib.batch_from_global(mask, mesh))
+                             mesh_lib.batch_from_global(mask, mesh), train_state.fp8)
             nats, count = nats + n, count + c
         loss = float(nats / count)
         return writer.write(at_step, {

@@ -33,6 +33,7 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
 
     from dsv3_jax.decode import generate
     from dsv3_jax.training import checkpoint, run_config, state
+    from dsv3_jax.training.step import model_variables
     from dsv3_jax.training.tokenizer import load_tokenizer
 
     config = checkpoint.load_config(workdir)
@@ -50,7 +51,8 @@ def sample(workdir: str, prompt: str, max_new_tokens: int, temperature: float = 
     if len(ids) == 0:  # an empty prompt starts a new document
         ids = np.array([tokenizer.separator_id], np.int32)
     max_new_tokens = min(max_new_tokens, model.max_position_embeddings - len(ids))
-    out = generate(model, {"params": restored.params, "moe_bias": restored.moe_bias},
+    variables = model_variables(restored.params, restored.moe_bias, restored.fp8)
+    out = generate(model, variables,
                    np.asarray(ids, np.int32)[None], max_new_tokens, temperature=temperature,
                    top_p=top_p, rng=jax.random.key(seed))
     new = np.asarray(out[0, len(ids):])

@@ -1,6 +1,6 @@
 """Building blocks: RMSNorm, the two matmul entry points, SwiGLU.
 
-Every parameter is created with logical axis names (`nn.with_logical_partitioning`) so that
+Every parameter is created with logical axis names (`logically_partitioned`) so that
 `sharding/` can place it on a mesh without any change here. Logical names used in the model:
 vocab, embed, heads, q_lora, kv_lora, qk_nope, qk_rope, v_head, mlp, expert, layers.
 
@@ -57,6 +57,22 @@ def project(eqn: str, x: Array, w: Weight, config: ModelConfig, out_dtype=None,
     return out.astype(dtype if out_dtype is None else out_dtype)
 
 
+def logically_partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
+    """`init` with its parameter boxed under logical axis names: metadata for `sharding/`,
+    which places the parameter by them (`out_shardings` of a jitted init, the train state's
+    shardings), and never a constraint of its own.
+
+    flax would otherwise constrain a boxed parameter wherever it is unboxed under logical rules
+    — at its use inside an init traced under a mesh, and in `nn.unbox` of the init's output —
+    with the rules in force: the forward pass's activation rules (weights as used: gathered),
+    resolved by flax's own logic. That pins every fresh parameter to a gathered layout, so an
+    init with `out_shardings` would build a full copy on each device (for the scanned stacks
+    inside the loop) before splitting it. With no rules of its own (`rules=()`), unboxing is
+    the identity and the init is placed by its out_shardings alone, shard by shard.
+    """
+    return nn.with_logical_partitioning(init, tuple(axes), rules=())
+
+
 class Einsum(nn.Module):
     """A weight of `shape` (logical `axes`) contracted with an activation by `eqn`.
 
@@ -77,7 +93,7 @@ class Einsum(nn.Module):
     def setup(self):
         c = self.config
         std = c.initializer_range if self.init_std is None else self.init_std
-        init = nn.with_logical_partitioning(nn.initializers.normal(std), tuple(self.axes))
+        init = logically_partitioned(nn.initializers.normal(std), self.axes)
         self.kernel = self.param("kernel", init, tuple(self.shape), dtype_of(c.param_dtype))
         self.state = None
         if self.fp8 and c.fp8 == "delayed":
@@ -100,7 +116,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        init = nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,))
+        init = logically_partitioned(nn.initializers.ones, (self.axis_name,))
         weight = self.param("weight", init, (self.dim,), dtype_of(self.config.param_dtype))
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, dtype_of, remat_policy
+from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, dtype_of, logically_partitioned, remat_policy
 from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.moe import MoE
 
@@ -122,8 +122,8 @@ class DeepSeekV3(nn.Module):
         dtype = dtype_of(c.dtype)
         embedding = self.param(
             "embed_tokens",
-            nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
-                                         ("vocab", "embed")),
+            logically_partitioned(nn.initializers.normal(c.initializer_range),
+                                  ("vocab", "embed")),
             (c.vocab_size, c.hidden_size), dtype_of(c.param_dtype))
         bias = self.variable("moe_bias", "e_score_correction_bias", jnp.zeros,
                              (c.num_moe_layers + c.num_nextn_predict_layers, c.n_routed_experts),

@@ -6,6 +6,11 @@ first traced with `jax.eval_shape`, which allocates nothing; the logical axis na
 `nn.with_logical_partitioning` attached to every parameter become PartitionSpecs through a
 layout (`sharding.rules`); then the init function is jitted with those output shardings, so
 each device computes only its own shard and no full copy ever exists on one device or the host.
+That holds because the model's parameter boxes constrain nothing when unboxed
+(`dsv3_jax.layers.logically_partitioned`): traced under `use_mesh`, flax would otherwise pin
+each fresh parameter to the activation rules' (gathered) layout, and each scanned stack would
+be built whole on every device inside its loop (tests/test_sharding_mesh.py checks the compiled
+init's memory).
 
 Which rules apply to a leaf: `layout.opt_state` for leaves under a key named `opt_state` (a
 TrainState field or dict key), `layout.params` for every other boxed leaf. Leaves without
@@ -151,11 +156,19 @@ def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, layout: str | Layout
     from boxed params). It is traced under the mesh and the layout's activation rules, so the
     model's own constraints and expert parallelism see the same mesh as training will.
     """
+    return on_mesh(sharded_init(init_fn, mesh, layout, *args), mesh, layout)(*args)
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, layout: str | Layout,
+                 *args) -> Callable:
+    """The jitted `init_fn` that `create_sharded` runs: unboxed output straight into the
+    layout's shardings (to call, lower or compile under `use_mesh(mesh, layout)`); `args`
+    (or their ShapeDtypeStructs) fix the shapes its shardings are computed from."""
     layout = get_layout(layout)
     with use_mesh(mesh, layout):
         abstract = jax.eval_shape(init_fn, *args)
         shardings = tree_shardings(abstract, mesh, layout)
-        return jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)
 
 
 def model_init_fn(config: ModelConfig, batch: int = 1, length: int = 8) -> Callable:

@@ -19,7 +19,13 @@ farthest. All axes are `AxisType.Auto`: the model's logical constraints (linen) 
 
 from __future__ import annotations
 
+import atexit
+import ctypes
+import logging
 import math
+import os
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -142,7 +148,95 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         raise ValueError(f"--coordinator_address={coordinator_address!r} must be host:port")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    if jax.default_backend() == "cpu":  # cross-process collectives over gloo
+        route_gloo_output()
     return True
+
+
+GLOO_PREFIX = b"[Gloo] "
+_log = logging.getLogger(__name__)
+_router: _StdoutRouter | None = None
+
+
+class _StdoutRouter:
+    """File descriptor 1 through a pipe: lines that start with `GLOO_PREFIX` go to the log at
+    INFO, every other byte to the real stdout, unchanged and in order.
+
+    Gloo (the CPU collectives of a multi-process job) prints one "[Gloo] Rank r is connected to
+    n peer ranks …" line with C++ `std::cout` for every communicator it builds — lazily, at a
+    program's first run, not at initialization — so only a filter on the descriptor itself,
+    for the process's life, keeps them off stdout. Python's prints pass through the same pipe,
+    so the order of everything written to stdout is kept; text without a newline (a progress
+    bar's carriage returns) is passed on as it arrives, once it cannot be a Gloo line.
+    """
+
+    def __init__(self):
+        sys.stdout.flush()
+        self._real = os.dup(1)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 1)
+        os.close(write_fd)
+        self._thread = threading.Thread(target=self._forward, args=(read_fd,), daemon=True,
+                                        name="gloo-stdout-router")
+        self._thread.start()
+        atexit.register(self.close)
+
+    def _forward(self, read_fd: int) -> None:
+        pending, line_start = b"", True
+        try:
+            while chunk := os.read(read_fd, 65536):
+                pending, line_start = self._route(pending + chunk, line_start)
+            if pending:  # an unterminated last line
+                self._emit(pending, line_start and pending.startswith(GLOO_PREFIX))
+        finally:
+            os.close(read_fd)
+
+    def _route(self, data: bytes, line_start: bool) -> tuple[bytes, bool]:
+        """Routes what can be decided; returns (undecided bytes, at a line start)."""
+        while data:
+            if line_start:
+                if len(data) < len(GLOO_PREFIX) and GLOO_PREFIX.startswith(data):
+                    return data, True  # might still become a Gloo line
+                if data.startswith(GLOO_PREFIX):
+                    end = data.find(b"\n")
+                    if end < 0:
+                        return data, True  # the rest of the Gloo line is on its way
+                    self._emit(data[:end], True)
+                    data = data[end + 1:]
+                    continue
+            end = data.find(b"\n")
+            if end < 0:
+                self._emit(data, False)
+                return b"", False
+            self._emit(data[:end + 1], False)
+            data, line_start = data[end + 1:], True
+        return b"", line_start
+
+    def _emit(self, data: bytes, gloo: bool) -> None:
+        if gloo:
+            _log.info("%s", data.decode(errors="replace").rstrip())
+            return
+        while data:
+            data = data[os.write(self._real, data):]
+
+    def close(self) -> None:
+        """Restores fd 1 and forwards what is still in the pipe (at exit)."""
+        try:
+            sys.stdout.flush()
+            ctypes.CDLL(None).fflush(None)  # C/C++ stdio buffers (std::cout is synced to them)
+        except Exception:  # a closed stream at shutdown must not stop the restore
+            pass
+        os.dup2(self._real, 1)  # closes the pipe's last write end: the thread sees EOF
+        self._thread.join(timeout=10)
+
+
+def route_gloo_output() -> None:
+    """Sends gloo's per-connection "[Gloo] Rank …" lines from stdout to the log at INFO, for
+    the rest of the process (see `_StdoutRouter`). Idempotent; `initialize_distributed` calls
+    it for CPU jobs."""
+    global _router
+    if _router is None:
+        _router = _StdoutRouter()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -198,20 +198,31 @@ def _delayed_fwd(x3, w3, state, margin):
 
 
 def _dtype_tag(x: jax.Array) -> jax.Array:
-    """A zero-size array carrying x's dtype through custom_vjp residuals."""
-    return jnp.zeros((0,), x.dtype)
+    """A zero-size slice of x: carries its dtype (and, inside shard_map, the mesh axes it
+    varies over) through custom_vjp residuals."""
+    return x.reshape(-1)[:0]
+
+
+def _cotangent(ct: jax.Array, tag: jax.Array) -> jax.Array:
+    """`ct` in the primal's dtype, summed over the mesh axes it varies over and the primal
+    does not (inside shard_map: what autodiff's psum would do for an input used against a
+    sharded operand, e.g. x against a tensor-split weight)."""
+    varying = lambda a: jax.typeof(a).manual_axis_type.varying
+    extra = tuple(sorted(varying(ct) - varying(tag)))
+    if extra:
+        ct = jax.lax.psum(ct, extra)
+    return ct.astype(tag.dtype)
 
 
 def _delayed_bwd(margin, residuals, g3):
     qx, qw, state, new, x_tag, w_tag = residuals
-    x_dtype, w_dtype = x_tag.dtype, w_tag.dtype
     sx, sw, sg = state["x_scale"], state["w_scale"], state["g_scale"]
     qg = quantize(g3, sg, E5M2)
     dx = _dot(qg, jnp.swapaxes(qw, 1, 2)) * (sg * sw)
     dw = _dot(jnp.swapaxes(qx, 1, 2), qg) * (sx * sg)
     gh, gs = _record(state["g_history"], sg, _amax(g3), E5M2, margin)
     ct = {**new, "g_history": gh, "g_scale": gs, "seen": jnp.ones((), jnp.float32)}
-    return dx.astype(x_dtype), dw.astype(w_dtype), ct
+    return _cotangent(dx, x_tag), _cotangent(dw, w_tag), ct
 
 
 _delayed_gemm.defvjp(_delayed_fwd, _delayed_bwd)
@@ -263,11 +274,11 @@ def _blockwise_fwd(x3, w3):
     qx, sx = tilewise_quantize(x3)  # 1×128 tiles along K
     qw, sw = _weight_blocks(w3)
     y = _scaled_dot(qx, sx, qw, expand_blocks(sw, (sw.shape[1], w3.shape[2]), (1, TILE)))
-    return y.astype(x3.dtype), (x3, qw, sw, _dtype_tag(w3))
+    return y.astype(x3.dtype), (x3, qw, sw, _dtype_tag(x3), _dtype_tag(w3))
 
 
 def _blockwise_bwd(residuals, g3):
-    x3, qw, sw, w_tag = residuals
+    x3, qw, sw, x_tag, w_tag = residuals
     K = x3.shape[2]
     # dX = dY · Wᵀ: dY in 1×128 tiles along N, the same weight blocks transposed.
     qg, sg = tilewise_quantize(g3)
@@ -278,7 +289,7 @@ def _blockwise_bwd(residuals, g3):
     qxt, sxt = tilewise_quantize(jnp.swapaxes(x3, 1, 2))  # [G, K, M], [G, K, nM]
     qgt, sgt = tilewise_quantize(jnp.swapaxes(g3, 1, 2))  # [G, N, M], [G, N, nM]
     dw = _scaled_dot(qxt, sxt, jnp.swapaxes(qgt, 1, 2), jnp.swapaxes(sgt, 1, 2))
-    return dx.astype(x3.dtype), dw.astype(w_tag.dtype)
+    return _cotangent(dx, x_tag), _cotangent(dw, w_tag)
 
 
 _blockwise_gemm.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -11,6 +11,9 @@ and multiplies through nested loops, fusions and calls.
   skipped so nothing counts twice).
 * Matmul FLOPs: 2 × output elements × contracted size, for `dot` (lhs contracting dims) and
   `convolution` (rhs size over its output-feature dim: TPU lowers matmuls to convolutions).
+* Each collective instruction on its own (`collective_ops`): executions per step, bytes, its
+  device groups (`replica_groups` in any of XLA's three spellings, see `parse_replica_groups`)
+  and the JAX op it came from (`op_name` metadata).
 """
 
 from __future__ import annotations
@@ -115,6 +118,121 @@ def walk(hlo: str) -> Iterator[tuple[Instruction, int]]:
 
     if entry is not None:
         yield from visit(entry, 1)
+
+
+class CollectiveOp(NamedTuple):
+    """One collective instruction of the compiled program."""
+
+    kind: str  # e.g. "all-to-all" (an async pair counts once, as its -start)
+    name: str  # the HLO instruction's name
+    count: int  # executions per step (loop trip counts applied)
+    bytes: int  # per device, per execution (the result's bytes)
+    groups: tuple[tuple[int, ...], ...] | None  # device ids per group; None: all devices
+    op_name: str  # JAX's op_name metadata ('' when absent): where in the program it came from
+
+
+_IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+
+
+def _iota(dims: list[int], reshape: list[int], perm: list[int] | None) -> list[int]:
+    """iota(prod(reshape)) reshaped to `reshape`, transposed by `perm`, flattened."""
+    n = math.prod(reshape)
+    ids = list(range(n))
+    if perm:
+        strides = [math.prod(reshape[i + 1:]) for i in range(len(reshape))]
+        shape = [reshape[p] for p in perm]
+        ids = []
+        for flat in range(n):
+            index, rest = [], flat
+            for size in reversed(shape):
+                index.append(rest % size)
+                rest //= size
+            index.reverse()
+            ids.append(sum(index[k] * strides[perm[k]] for k in range(len(perm))))
+    if math.prod(dims) != n:
+        raise ValueError(f"iota device list of {n} ids reshaped to {dims}")
+    return ids
+
+
+def parse_replica_groups(rest: str) -> tuple[tuple[int, ...], ...] | None:
+    """The device groups of a collective from its attribute text, in any of XLA's spellings:
+
+      replica_groups={{0,1,2,3},{4,5,6,7}}         explicit lists
+      replica_groups=[2,4]<=[8]                     iota: [groups, size] of iota(8)
+      replica_groups=[4,2]<=[2,2,2]T(1,0,2)         iota reshaped and transposed first
+      replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,2,2]T(1,0,2)) {'axis_1'}
+                                                    a device mesh; groups vary along the axes
+                                                    listed in braces
+    None for an empty or absent list (one group of all devices).
+    Raises:
+      ValueError: a form this parser does not know (so no collective goes unchecked).
+    """
+    m = re.search(r"replica_groups=(\S+)", rest)
+    if not m:
+        return None
+    text = rest[m.start(1):]
+    if text.startswith("{}"):
+        return None
+    if text.startswith("{{"):
+        body = text[1:text.index("}}") + 1]
+        return tuple(tuple(int(x) for x in g.split(",") if x)
+                     for g in re.findall(r"\{([\d,]*)\}", body))
+    iota = _IOTA.match(text)
+    if iota:
+        groups, reshape = [[int(x) for x in g.split(",")] for g in iota.groups()[:2]]
+        perm = [int(x) for x in iota.group(3).split(",")] if iota.group(3) else None
+        ids = _iota(groups, reshape, perm)
+        size = groups[-1]
+        return tuple(tuple(ids[i:i + size]) for i in range(0, len(ids), size))
+    mesh = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", text)
+    if mesh:
+        axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        ids = list(range(math.prod(sizes)))
+        if mesh.group(2):
+            spec = _IOTA.match(f"[{len(ids)}]<=" + mesh.group(2).strip())
+            if not spec:
+                raise ValueError(f"unknown device_ids in {text[:200]!r}")
+            reshape = [int(x) for x in spec.group(2).split(",")]
+            perm = [int(x) for x in spec.group(3).split(",")] if spec.group(3) else None
+            ids = _iota([len(ids)], reshape, perm)
+        within = re.findall(r"'([^']+)'", mesh.group(3))
+        if any(a not in names for a in within):
+            raise ValueError(f"unknown mesh axes {within} in {text[:200]!r}")
+        strides = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+        found: dict[tuple, list[int]] = collections.defaultdict(list)
+        for flat, device in enumerate(ids):
+            index = [flat // strides[i] % sizes[i] for i in range(len(sizes))]
+            key = tuple(index[i] for i, a in enumerate(names) if a not in within)
+            found[key].append(device)
+        return tuple(tuple(g) for _, g in sorted(found.items()))
+    raise ValueError(f"unknown replica_groups form: {text[:200]!r}")
+
+
+def collective_ops(hlo: str) -> list[CollectiveOp]:
+    """Every collective instruction reachable from the entry computation (see `CollectiveOp`).
+
+    Instructions inside a loop body appear once, with `count` its executions per step. An async
+    pair is one op: the -done's result bytes, the -start's groups and metadata.
+    Raises:
+      ValueError: a collective whose replica groups `parse_replica_groups` cannot read.
+    """
+    ops, starts = [], {}
+    for inst, times in walk(hlo):
+        base = inst.op.removesuffix("-done").removesuffix("-start")
+        if base not in KINDS:
+            continue
+        if inst.op.endswith("-start"):
+            starts[inst.name] = inst
+            continue
+        attrs = inst.rest
+        if inst.op.endswith("-done"):
+            start = starts.get(inst.rest.split(")", 1)[0].split(",")[0].strip().lstrip("%"))
+            attrs = start.rest if start is not None else attrs
+        name = re.search(r'op_name="([^"]*)"', attrs)
+        ops.append(CollectiveOp(base, inst.name, times, _shape_bytes(inst.result),
+                                parse_replica_groups(attrs), name.group(1) if name else ""))
+    return ops
 
 
 def summarize(hlo: str) -> dict[str, Collective]:

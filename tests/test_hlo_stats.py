@@ -1,11 +1,12 @@
-"""Collective summary of compiled HLO: kinds, loop trip counts, bytes."""
+"""Collective summary of compiled HLO: kinds, loop trip counts, bytes, device groups."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
-from sharding.hlo_stats import summarize
+from sharding.hlo_stats import collective_ops, parse_replica_groups, summarize
 
 
 def _mesh():
@@ -27,6 +28,11 @@ def test_collectives_inside_scan_count_once_per_iteration():
     x = jnp.ones((32, 16), jnp.float32)
     hlo = f.lower(x).compile().as_text()
     got = summarize(hlo)
+    ops = {op.kind: op for op in collective_ops(hlo)}
+    assert ops["all-reduce"].count == 5 and ops["all-to-all"].count == 1  # one op each
+    assert ops["all-to-all"].bytes == 4 * 16 * 4 and "all_to_all" in ops["all-to-all"].op_name
+    for op in ops.values():  # every collective spans the whole 8-device axis
+        assert op.groups is None or sorted(map(sorted, op.groups)) == [list(range(8))], op
     assert got["all-reduce"].count == 5
     assert got["all-reduce"].bytes == 5 * 4 * 16 * 4
     assert got["all-to-all"].count == 1 and got["all-to-all"].bytes == 4 * 16 * 4
@@ -37,3 +43,27 @@ def test_collectives_inside_scan_count_once_per_iteration():
 def test_no_collectives_on_one_device():
     f = jax.jit(lambda x: (x @ x.T).sum())
     assert summarize(f.lower(jnp.ones((8, 8))).compile().as_text()) == {}
+
+
+@pytest.mark.parametrize("text, groups", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", ((0, 1, 2, 3), (4, 5, 6, 7))),
+    ("replica_groups={{0,2},{1,3}}, metadata={}", ((0, 2), (1, 3))),
+    ("replica_groups=[2,4]<=[8], dimensions={0}", ((0, 1, 2, 3), (4, 5, 6, 7))),
+    # iota(8) as [4, 2] transposed: [[0,1],[2,3],[4,5],[6,7]]^T = [[0,2,4,6],[1,3,5,7]]
+    ("replica_groups=[2,4]<=[4,2]T(1,0), x", ((0, 2, 4, 6), (1, 3, 5, 7))),
+    # iota(8) as [2,2,2] with axes 0 and 1 swapped: 0,1,4,5,2,3,6,7
+    ("replica_groups=[4,2]<=[2,2,2]T(1,0,2), x", ((0, 1), (4, 5), (2, 3), (6, 7))),
+    # a 2 x 4 device mesh holding ids 0,1,4,5 / 2,3,6,7; groups along axis_0: its columns
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,2,2]T(1,0,2)) {'axis_0'}, "
+     "dimensions={0}", ((0, 2), (1, 3), (4, 6), (5, 7))),
+    ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, x", ((0, 1, 2, 3), (4, 5, 6, 7))),
+    ("replica_groups={}, dimensions={0}", None),
+    ("channel_id=1, dimensions={0}", None),
+])
+def test_replica_groups_in_every_spelling(text, groups):
+    assert parse_replica_groups(text) == groups
+
+
+def test_unknown_replica_groups_are_an_error():
+    with pytest.raises(ValueError, match="unknown replica_groups form"):
+        parse_replica_groups("replica_groups=<<future>>, x")

@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import ModelConfig
 from sharding import mesh as mesh_lib
@@ -42,21 +45,80 @@ def test_golden_sharding(filename):
     assert text == path.read_text(), f"{filename} changed; see the module docstring to update"
 
 
+def counted_by_hand(c: ModelConfig) -> tuple[int, int]:
+    """(routed-expert parameters, all other parameters) incl. MTP, from the dimensions alone."""
+    D, N, H, R, A, C = (c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim,
+                        c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
+    if c.q_lora_rank is None:
+        query = D * N * (H + R)
+    else:
+        Q = c.q_lora_rank
+        query = D * Q + Q + Q * N * (H + R)  # q_a_proj, q_a_layernorm, q_b_proj (nope, rope)
+    attention = query + D * (C + R) + C + C * N * (H + A) + N * A * D  # kv_a, norm, kv_b, o
+    norms = 2 * D  # input and post-attention RMSNorm
+    dense = attention + norms + 3 * D * c.intermediate_size
+    moe_blocks = c.num_moe_layers + c.num_nextn_predict_layers  # the MTP block is a MoE block
+    moe_other = (attention + norms + D * c.n_routed_experts  # router
+                 + 3 * D * c.moe_intermediate_size * c.n_shared_experts)
+    mtp_own = 3 * D + 2 * D * D  # enorm, hnorm, shared_head_norm; eh_proj [2D, D]
+    routed = moe_blocks * c.n_routed_experts * 3 * D * c.moe_intermediate_size
+    other = (2 * c.vocab_size * D + D  # embedding, head, final norm
+             + c.num_dense_layers * dense + moe_blocks * moe_other
+             + c.num_nextn_predict_layers * mtp_own)
+    return routed, other
+
+
+def test_shard_bytes_of_a_known_tensor():
+    """[3, 16, 64, 32] fp32 under P(None, expert, (data, fsdp), tensor) on data 2 x fsdp 2 x
+    expert 4 x tensor 2: a [3, 4, 16, 16] shard, 3·4·16·16·4 = 12,288 B; bf16 half of it."""
+    shape = dict(data=2, fsdp=2, expert=4, tensor=2, pipe=1)
+    spec = P(None, "expert", ("data", "fsdp"), "tensor")
+    assert plan.shard_bytes(jax.ShapeDtypeStruct((3, 16, 64, 32), jnp.float32), spec,
+                            shape) == 12_288
+    assert plan.shard_bytes(jax.ShapeDtypeStruct((3, 16, 64, 32), jnp.bfloat16), spec,
+                            shape) == 6_144
+    assert plan.shard_bytes(jax.ShapeDtypeStruct((64, 32), jnp.float32), P(), shape) == 8_192
+
+
+@pytest.mark.parametrize("layout", ["dp", "fsdp", "zero1"])
+def test_tiny_plan_by_hand(layout):
+    """The tiny model on data 2 x expert 4, every figure from the dimensions: the routed
+    experts are split 4 ways over expert; the rest (fp32, every leaf divisible by 4 and 8) is
+    replicated (dp, zero1) or split 4 ways over expert along embed / q_lora / kv_lora (fsdp:
+    EP ranks are the data-parallel ranks of the non-expert weights). Gradients are placed as
+    the parameters; AdamW's two moments as the parameters (dp, fsdp) or 8 ways over
+    data x expert (zero1), plus the step counters."""
+    config = ModelConfig.preset("tiny")
+    routed, other = counted_by_hand(config)
+    report = plan.make_plan(config, dict(data=2, expert=4), 8, layout)
+    per = report["per_device_bytes"]
+    assert report["total_params"] == routed + other == 584_384  # incl. MTP
+    params = 4 * (routed / 4 + (other / 4 if layout == "fsdp" else other))
+    moments = 2 * 4 * (routed + other) / 8 if layout == "zero1" else 2 * params
+    assert per["params"] == params, (per, params)
+    assert per["grads"] == params, (per, params)
+    assert moments <= per["opt_state"] <= moments + 16, (per, moments)  # + int32 counters
+    assert per["moe_bias"] == 4 * 16 * (config.num_moe_layers + 1)  # [L_moe + MTP, E] fp32
+
+
 def test_v3_layout_per_device_bytes():
     """EP64 x PP16 x DP2 (ZeRO-1): parameters replicate over data, AdamW state splits 2048 ways.
 
-    Hand check of the optimizer figure: every parameter's two fp32 moments are split over all
-    128 data-like devices of a stage (experts over expert x data, the rest along embed / q_lora
-    / kv_lora over data x expert) and the 16 stages: 8 B x 682.6B / 2048 = 2.67e9 B.
+    By hand, from the dimensions (`counted_by_hand`): 665.2B routed-expert parameters split
+    over expert (64) and 17.4B others replicated over the stage's 128 EP x DP ranks, fp32, the
+    16 stages as a divisor: 4 B x (665.2B / 64 + 17.4B) / 16 = 6.48 GiB of parameters, as many
+    of gradients; the two fp32 moments of every parameter split over all 2048 devices:
+    8 B x 682.6B / 2048 = 2.48 GiB.
     """
+    routed, other = counted_by_hand(ModelConfig.preset("deepseek-v3-671b"))
     report = plan.make_plan(ModelConfig.preset("deepseek-v3-671b"), V3_MESH, 2048, "zero1")
     per = report["per_device_bytes"]
-    total = report["total_params"]
-    assert abs(total - 682.6e9) < 0.5e9  # 670.9B + the MTP module's own 11.7B
-    assert per["opt_state"] == pytest.approx(8 * total / 2048, rel=1e-3)
-    assert per["grads"] == per["params"]
-    # Experts are 1/64 each; the ~24B non-expert weights stay whole on every EP rank.
-    assert 6.0 * 2**30 < per["params"] < 7.0 * 2**30
+    assert report["total_params"] == routed + other == 682_636_472_320  # 670.9B + MTP 11.7B
+    assert routed == 59 * 256 * 3 * 7168 * 2048
+    params = 4 * (routed / 64 + other) / 16
+    assert per["params"] == params and per["grads"] == params, (per, params)
+    assert per["opt_state"] == pytest.approx(8 * (routed + other) / 2048, abs=1)  # + counters
+    assert per["params"] / 2**30 == pytest.approx(6.484, abs=5e-4)
     assert report["replicated_above_threshold"]  # by design: ZeRO-1 replicates parameters
     assert all(not r["path"].startswith("opt_state") for r in report["replicated_above_threshold"])
 
@@ -80,10 +142,34 @@ def test_plan_rejects_meshes_that_do_not_divide_the_model():
         plan.make_plan(v3, dict(fsdp=-1), 2048)
 
 
-def test_plan_command_line():
-    out = subprocess.run(
-        [sys.executable, "-m", "sharding.plan", "--preset=deepseek-v3-671b",
-         "--mesh=expert=64,pipe=16,data=-1", "--devices=2048", "--layout=zero1"],
-        capture_output=True, text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        cwd=pathlib.Path(__file__).parent.parent).stdout
-    assert "2048 devices" in out and "opt_state" in out and "largest per-device" in out
+V3_TOTALS = ["params          6.484 GiB", "grads           6.484 GiB",
+             "opt_state       2.483 GiB", "total          15.451 GiB"]
+
+
+@pytest.mark.parametrize("args", [
+    # as the README shows it
+    ["--config=configs/deepseek_v3_671b.py", "--config.mesh.expert=64", "--config.mesh.pipe=16",
+     "--config.mesh.data=-1", "--config.mesh.layout=zero1", "--devices=2048"],
+    ["--preset=deepseek-v3-671b", "--mesh=expert=64,pipe=16,data=-1", "--devices=2048",
+     "--layout=zero1"],
+], ids=["config", "preset"])
+def test_plan_command_line(args):
+    """The README's EP64 x PP16 x DP2 ZeRO-1 table: 6.48 / 6.48 / 2.48 / 15.45 GiB."""
+    r = subprocess.run([sys.executable, "-m", "sharding.plan", *args], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       cwd=pathlib.Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "682.64B parameters (incl. MTP) on 2048 devices" in out, out
+    assert "layout zero1" in out and "data=2 x fsdp=1 x expert=64 x tensor=1 x pipe=16" in out
+    for line in V3_TOTALS:
+        assert f"  {line}\n" in out, (line, out)
+    assert "largest per-device tensors:" in out
+
+
+def test_plan_help_exits_zero():
+    r = subprocess.run([sys.executable, "-m", "sharding.plan", "--help"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       cwd=pathlib.Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "python -m sharding.plan" in r.stdout and "--devices" in r.stdout, r.stdout[-2000:]

@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("libtpu")
 
 from configs import tiny  # noqa: E402
+from dsv3_jax.accounting import flops_per_token  # noqa: E402
+from dsv3_jax.training import run_config  # noqa: E402
 from sharding import aot, plan, tpu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,13 +113,43 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-def test_cli_reports_does_not_fit_with_a_tiny_hbm_budget():
+def test_cli_reports_does_not_fit_with_a_tiny_hbm_budget_and_mfu_at_a_measured_step_time():
+    """Our own HBM check (a 0.01 GiB budget: exit 1), and --step_time's MFU by hand: model
+    FLOPs per step / (4 chips x v5p's published 459 TFLOP/s bf16 peak x 0.25 s)."""
     r = _cli("--topology=v5p:2x2x1", "--config.mesh.data=4", "--hbm_gib=0.01", "--json",
-             "--config.model.num_hidden_layers=2", "--config.seq_len=32")
+             "--config.model.num_hidden_layers=2", "--config.seq_len=32", "--step_time=0.25")
     assert r.returncode == 1, r.stderr[-2000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["fits"] is False and report["headroom_bytes"] < 0
     assert report["memory_per_device_bytes"]["total"] > 0.01 * 2**30
+    assert tpu.CHIPS["v5p"].peak_bf16_flops == 459e12
+    config = tiny.get_config()
+    config.model.num_hidden_layers, config.seq_len = 2, 32
+    model_flops = (flops_per_token(run_config.model_config(config), 32)
+                   * config.batch_size * 32)
+    assert report["model_flops_per_step"] == pytest.approx(model_flops, rel=1e-12)
+    assert report["measured_step_seconds"] == 0.25
+    assert report["mfu_at_measured"] == pytest.approx(model_flops / (4 * 459e12 * 0.25),
+                                                      rel=1e-12)
+    roofline = report["roofline_step_seconds"]
+    assert report["mfu_at_roofline"] == pytest.approx(model_flops / (4 * 459e12 * roofline))
+
+
+@pytest.mark.slow
+def test_cli_exit_1_when_the_tpu_compiler_refuses():
+    """A program over HBM: the tiny model with 4096 x 1024 tokens on 4 v5e chips (16 GiB) needs
+    ~245 GiB of temporaries; the TPU compiler raises RESOURCE_EXHAUSTED, reported as a
+    refusal with its figures, exit 1 (not a traceback)."""
+    r = _cli("--topology=v5e:2x2", "--config.mesh.data=4", "--config.batch_size=4096",
+             "--config.seq_len=1024", "--config.model.num_hidden_layers=2", "--json")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["fits"] is False and report["devices"] == 4
+    assert "RESOURCE_EXHAUSTED" in report["compiler_message"], report
+    assert report["over_hbm"] == "HLO temporaries", report
+    assert 10 * 2**30 < report["available_bytes"] <= 16 * 2**30, report
+    assert report["required_bytes"] > 100 * 2**30 > report["available_bytes"], report
 
 
 @pytest.mark.parametrize("args, message", [

@@ -45,6 +45,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dsv3_jax import fp8 as fp8_lib
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import init_variables
 
@@ -198,7 +199,8 @@ def hf_layout(config: ModelConfig, fused_layers: frozenset[int] = frozenset()) -
 
 def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray,
                           block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> np.ndarray:
-    """W = W_fp8 · scale_inv per tile of `block` = (rows, cols); edge tiles may be smaller.
+    """W = W_fp8 · scale_inv per tile of `block` = (rows, cols); edge tiles may be smaller
+    (`fp8.blockwise_dequantize_np`, the one definition of the convention).
 
     Args:
       weight: [O, I] float8 weight.
@@ -206,9 +208,19 @@ def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray,
     Returns:
       [O, I] float32.
     """
-    O, I = weight.shape
-    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)
-    return weight.astype(np.float32) * scale[:O, :I]
+    return fp8_lib.blockwise_dequantize_np(weight, scale_inv, block)
+
+
+def _fp8_quantized(name: str) -> bool:
+    """The tensors DeepSeek's FP8 release stores as float8_e4m3fn + `weight_scale_inv`: every
+    linear projection of the decoder layers (attention, dense MLP, shared and routed experts),
+    not the embedding, LM head, router gate, norms, correction biases or MTP's eh_proj."""
+    return (name.startswith("model.layers.") and name.endswith("_proj.weight")
+            and not name.endswith("eh_proj.weight"))
+
+
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 
 
 class _Reader:
@@ -413,8 +425,14 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
     return config, traverse_util.unflatten_dict(leaves)
 
 
-def save_hf_checkpoint(path, config: ModelConfig, variables, max_shard_bytes: int = 5 * 2**30):
+def save_hf_checkpoint(path, config: ModelConfig, variables, max_shard_bytes: int = 5 * 2**30,
+                       fp8: bool = False):
     """Writes config.json and safetensors that transformers' DeepseekV3ForCausalLM loads.
+
+    `fp8=True` writes DeepSeek's released FP8 format: the decoder layers' projections as
+    float8_e4m3fn with `<name>_scale_inv` [ceil(out/128), ceil(in/128)] (one scale per 128×128
+    block, `fp8.blockwise_quantize`), everything else as stored, and `quantization_config` in
+    config.json; `load_hf_checkpoint` reads it back (dequantized).
 
     Per-expert expert tensors, MTP depth k as layer num_hidden_layers + k (with its copies of
     embedding and head, as in the released checkpoints). Tensors keep their leaves' dtypes.
@@ -426,9 +444,11 @@ def save_hf_checkpoint(path, config: ModelConfig, variables, max_shard_bytes: in
       path: output directory (created).
       config: the architecture of `variables`.
       variables: {'params', 'moe_bias'}, boxed (from `init`) or plain; numpy or jax arrays.
+        An `fp8` collection (delayed-scaling state: training state, not weights) is ignored.
     """
     path = os.fspath(path)
-    flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
+    variables = {k: v for k, v in dict(variables).items() if k != "fp8"}
+    flat = traverse_util.flatten_dict(nn.unbox(variables))
     expected = _abstract_variables(config)
     lines = [f"missing leaf {'/'.join(p)} (expected shape {a.shape})"
              for p, a in expected.items() if p not in flat]
@@ -440,7 +460,16 @@ def save_hf_checkpoint(path, config: ModelConfig, variables, max_shard_bytes: in
     layout = hf_layout(config)
 
     def nbytes(t: TensorMap) -> int:
+        if fp8 and _fp8_quantized(t.name):  # one byte per weight + the block scales
+            return math.prod(t.shape) + 4 * math.prod(-(-n // FP8_BLOCK) for n in t.shape)
         return math.prod(t.shape) * np.dtype(flat[t.pieces[0].path].dtype).itemsize
+
+    def tensors(t: TensorMap) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(t.to_hf([np.asarray(flat[p.path][p.index]) for p in t.pieces]))
+        if not (fp8 and _fp8_quantized(t.name)):
+            return {t.name: x}
+        q, scale_inv = fp8_lib.blockwise_quantize(x)
+        return {t.name: np.asarray(q), t.name + "_scale_inv": np.asarray(scale_inv)}
 
     shards: list[list[TensorMap]] = [[]]
     size = 0
@@ -459,14 +488,17 @@ def save_hf_checkpoint(path, config: ModelConfig, variables, max_shard_bytes: in
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [
         f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
     for file, shard in zip(names, shards, strict=True):
-        tensors = {t.name: np.ascontiguousarray(t.to_hf(
-            [np.asarray(flat[p.path][p.index]) for p in t.pieces])) for t in shard}
-        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+        written = {name: x for t in shard for name, x in tensors(t).items()}
+        save_file(written, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(written, file))
     if n > 1:
-        index = {"metadata": {"total_size": sum(map(nbytes, layout))},
-                 "weight_map": {t.name: f for f, s in zip(names, shards, strict=True) for t in s}}
+        index = {"metadata": {"total_size": sum(map(nbytes, layout))}, "weight_map": weight_map}
         with open(os.path.join(path, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2)
+    hf_config = config.to_hf()
+    if fp8:
+        hf_config["quantization_config"] = FP8_QUANTIZATION_CONFIG
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
+        json.dump(hf_config, f, indent=2)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from dsv3_jax import DeepSeekV3, ModelConfig, YarnScaling, load_hf_checkpoint, save_hf_checkpoint
-from dsv3_jax.hf import _abstract_variables, dequantize_fp8_blocks, hf_layout
+from dsv3_jax.hf import _abstract_variables, _Reader, dequantize_fp8_blocks, hf_layout
 
 try:  # the [reference] extra; FP8, error and layout tests run without it
     import torch
@@ -264,8 +264,9 @@ def quantize_fp8(w: np.ndarray, block: int = 128):
     for r in range(scale.shape[0]):
         for s in range(scale.shape[1]):
             tile = (slice(r * block, (r + 1) * block), slice(s * block, (s + 1) * block))
-            scale[r, s] = max(np.abs(w[tile]).max(), 1e-12) / 448.0
-            q[tile] = (w[tile] / scale[r, s]).astype(ml_dtypes.float8_e4m3fn)
+            # float32 arithmetic throughout (as the quantizers run), amax floored at 1e-4
+            scale[r, s] = np.float32(max(np.abs(w[tile]).max(), 1e-4)) / np.float32(448.0)
+            q[tile] = (w[tile].astype(np.float32) / scale[r, s]).astype(ml_dtypes.float8_e4m3fn)
     return q, scale
 
 
@@ -342,6 +343,52 @@ def test_fp8_checkpoint_load(tmp_path):
     err, control = rel(loaded), rel(load_hf_checkpoint(tmp_path / "noisy")[1])
     print(f"fp8 vs fp32 logits: relative rms {err:.3g}; same-rms noise control {control:.3g}")
     assert err < 2 * control
+
+
+def test_fp8_export_is_the_released_format_and_loads_back(tmp_path):
+    """save_hf_checkpoint(fp8=True): the decoder projections as e4m3 + 128×128 block scales,
+    nothing else quantized, quantization_config written, a sharded index naming every scale;
+    loading gives the loop quantizer's dequantized weights."""
+    config = CONFIGS["odd_sizes"]
+    variables = random_variables(config, seed=4)
+    save_hf_checkpoint(tmp_path / "f32", config, variables)
+    plain = load_file(tmp_path / "f32" / "model.safetensors")
+    save_hf_checkpoint(tmp_path / "fp8", config, {**variables, "fp8": {}}, fp8=True,
+                       max_shard_bytes=200_000)
+    with open(tmp_path / "fp8" / "config.json") as f:
+        assert json.load(f)["quantization_config"] == {
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": [128, 128]}
+    with open(tmp_path / "fp8" / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    written = {}
+    for file in sorted(set(weight_map.values())):
+        with safe_open(tmp_path / "fp8" / file, "np") as handle:  # float8: read raw below
+            for name in handle.keys():
+                assert weight_map[name] == file
+                written[name] = file
+    quantized = sorted(n[:-len("_scale_inv")] for n in written if n.endswith("_scale_inv"))
+    expected = sorted(n for n in plain if n.startswith("model.layers.")
+                      and n.endswith("_proj.weight") and "eh_proj" not in n)
+    assert quantized == expected and len(expected) > 20
+    assert set(written) == set(plain) | {n + "_scale_inv" for n in expected}
+    reader = _Reader(str(tmp_path / "fp8"))
+    dequantized = dict(plain)
+    for name in expected:
+        q, scale = reader.read(name), reader.read(name + "_scale_inv")
+        q_ref, scale_ref = quantize_fp8(plain[name])
+        # The loop divides by 448 in NumPy, XLA may multiply by 1/448: last-bit differences of
+        # a scale, which can move a rounding by one e4m3 step for a handful of weights.
+        np.testing.assert_allclose(scale, scale_ref, rtol=2.5e-7)
+        codes_differ = q.view(np.uint8) != q_ref.view(np.uint8)
+        assert codes_differ.mean() < 1e-3, (name, codes_differ.mean())
+        dequantized[name] = dequantize_loop(q, scale)
+    reader.close()
+    ref_dir = tmp_path / "ref"  # what was written, dequantized by the element loop
+    os.makedirs(ref_dir)
+    save_file(dequantized, ref_dir / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tmp_path / "f32" / "config.json", ref_dir / "config.json")
+    assert_trees_equal(load_hf_checkpoint(tmp_path / "fp8")[1], load_hf_checkpoint(ref_dir)[1])
 
 
 # ---- loader errors ----------------------------------------------------------------------------

@@ -118,9 +118,11 @@ def make_plan(config: ModelConfig, mesh_config: Any, num_devices: int, layout: s
     tree = nn.unbox(abstract)
     pipe = shape["pipe"]
     parts = {"params": tree["params"], "grads": tree["params"],
-             "opt_state": tree[placement.OPT_STATE_KEY], "moe_bias": tree["moe_bias"]}
+             "opt_state": tree[placement.OPT_STATE_KEY], "moe_bias": tree["moe_bias"],
+             "fp8_state": tree.get("fp8", {})}
     part_specs = {"params": specs["params"], "grads": specs["params"],
-                  "opt_state": specs[placement.OPT_STATE_KEY], "moe_bias": specs["moe_bias"]}
+                  "opt_state": specs[placement.OPT_STATE_KEY], "moe_bias": specs["moe_bias"],
+                  "fp8_state": specs.get("fp8", {})}
     per_device = {k: per_device_bytes(parts[k], part_specs[k], shape) / pipe for k in parts}
     params = _pairs(tree["params"], specs["params"])
     largest = sorted(((shard_bytes(leaf, s, shape) / pipe, path, str(s))

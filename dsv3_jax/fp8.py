@@ -97,26 +97,24 @@ def blockwise_quantize(w: jax.Array, block: tuple[int, int] = (TILE, TILE), dtyp
     return q, scale
 
 
-def expand_blocks(scale_inv: jax.Array, shape: tuple[int, int],
-                  block: tuple[int, int] = (TILE, TILE)) -> jax.Array:
-    """[..., nO, nI] block scales → [..., O, I], each block's scale over its elements."""
-    s = jnp.repeat(jnp.repeat(scale_inv, block[0], axis=-2), block[1], axis=-1)
+def expand_blocks(scale_inv, shape: tuple[int, int], block: tuple[int, int] = (TILE, TILE)):
+    """[..., nO, nI] block scales → [..., O, I], each block's scale over its elements (NumPy
+    in, NumPy out; JAX in, JAX out)."""
+    xp = np if isinstance(scale_inv, np.ndarray) else jnp
+    s = xp.repeat(xp.repeat(scale_inv, block[0], axis=-2), block[1], axis=-1)
     return s[..., :shape[0], :shape[1]]
 
 
-def blockwise_dequantize(q: jax.Array, scale_inv: jax.Array,
-                         block: tuple[int, int] = (TILE, TILE), dtype=jnp.float32) -> jax.Array:
-    """q [..., O, I] · its block scales [..., ceil(O/bo), ceil(I/bi)] → `dtype`."""
-    s = expand_blocks(jnp.asarray(scale_inv, jnp.float32), q.shape[-2:], block)
-    return (q.astype(jnp.float32) * s).astype(dtype)
+def blockwise_dequantize(q, scale_inv, block: tuple[int, int] = (TILE, TILE),
+                         dtype=jnp.float32):
+    """q [..., O, I] · its block scales [..., ceil(O/bo), ceil(I/bi)] → `dtype`.
 
-
-def blockwise_dequantize_np(q: np.ndarray, scale_inv: np.ndarray,
-                            block: tuple[int, int] = (TILE, TILE)) -> np.ndarray:
-    """NumPy twin of `blockwise_dequantize` for host-side checkpoint loading (float32)."""
-    s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], axis=-2), block[1],
-                  axis=-1)[..., :q.shape[-2], :q.shape[-1]]
-    return q.astype(np.float32) * s
+    The one definition of the checkpoints' convention: NumPy arrays stay on the host (the HF
+    loader, `hf.dequantize_fp8_blocks`), JAX arrays stay JAX.
+    """
+    xp = np if isinstance(q, np.ndarray) else jnp
+    s = expand_blocks(xp.asarray(scale_inv, xp.float32), q.shape[-2:], block)
+    return (q.astype(xp.float32) * s).astype(dtype)
 
 
 # ---- the canonical GEMM of an einsum ---------------------------------------------------------

@@ -200,7 +200,7 @@ def hf_layout(config: ModelConfig, fused_layers: frozenset[int] = frozenset()) -
 def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray,
                           block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> np.ndarray:
     """W = W_fp8 · scale_inv per tile of `block` = (rows, cols); edge tiles may be smaller
-    (`fp8.blockwise_dequantize_np`, the one definition of the convention).
+    (`fp8.blockwise_dequantize`, the one definition of the convention).
 
     Args:
       weight: [O, I] float8 weight.
@@ -208,7 +208,7 @@ def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray,
     Returns:
       [O, I] float32.
     """
-    return fp8_lib.blockwise_dequantize_np(weight, scale_inv, block)
+    return fp8_lib.blockwise_dequantize(weight, scale_inv, block, np.float32)
 
 
 def _fp8_quantized(name: str) -> bool:

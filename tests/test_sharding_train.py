@@ -1,6 +1,12 @@
 """Training on meshes: the same losses as on one device, through the training step in-process
 and through train.py itself (one process with 8 devices, and two processes with 4 each over
-127.0.0.1)."""
+127.0.0.1).
+
+Each mesh's compile of the placed train step (train.py's, `place_train_step`) is also checked
+for XLA's "Involuntary full rematerialization" warning: SPMD replicating a tensor it cannot
+reshard, printed by C++ on stderr (caught at the file descriptor by capfd, or from train.py's
+output). Multi-process runs must keep gloo's per-connection chatter off stdout.
+"""
 
 import json
 import os
@@ -8,6 +14,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -15,6 +22,7 @@ import pytest
 
 from dsv3_jax.training import run_config, step
 from dsv3_jax.training import state as train_state_lib
+from dsv3_jax.training.placed_step import place_train_step
 from sharding import mesh as mesh_lib
 from sharding import placement
 
@@ -27,6 +35,7 @@ MESHES = {  # name: (mesh sizes, layout); every layout appears at least once
     "data2_fsdp2_expert2": (dict(data=2, fsdp=2, expert=2), "zero1"),
 }
 STEPS = 3
+REMAT_WARNING = "Involuntary full rematerialization"
 
 
 def run_steps(mesh_sizes=None, layout="fsdp") -> list[dict]:
@@ -34,22 +43,22 @@ def run_steps(mesh_sizes=None, layout="fsdp") -> list[dict]:
     config = run_config.base_config("tiny")
     config.batch_size, config.seq_len, config.steps = 8, 16, STEPS
     model = run_config.model_config(config)
-    tx = train_state_lib.make_optimizer(config, model)
-    fn = step.make_train_step(model, config, tx, train_state_lib.make_schedule(config))
-    create = lambda rng: train_state_lib.create_state(model, tx, rng)
     if mesh_sizes is None:
-        train_step, state = jax.jit(fn), jax.jit(create)(jax.random.key(0))
-        place = lambda batch: batch
-    else:  # the same wiring as train.py
-        mesh = mesh_lib.make_mesh(mesh_sizes)
-        shardings = placement.state_shardings(
-            train_state_lib.abstract_state(model, tx),
-            train_state_lib.param_partition_specs(model), mesh, layout)
-        state = placement.on_mesh(jax.jit(create, out_shardings=shardings), mesh, layout)(
+        tx = train_state_lib.make_optimizer(config, model)
+        fn = step.make_train_step(model, config, tx, train_state_lib.make_schedule(config))
+        train_step = jax.jit(fn)
+        state = jax.jit(lambda rng: train_state_lib.create_state(model, tx, rng))(
             jax.random.key(0))
-        train_step = placement.on_mesh(jax.jit(
-            fn, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-            out_shardings=(shardings, mesh_lib.replicated(mesh))), mesh, layout)
+        place = lambda batch: batch
+    else:  # the same wiring as train.py: its placed step, state created shard by shard
+        config.mesh.update(mesh_sizes)
+        config.mesh.layout = layout
+        mesh = mesh_lib.make_mesh(mesh_sizes)
+        placed = place_train_step(model, config, mesh)
+        create = lambda rng: train_state_lib.create_state(model, placed.tx, rng)
+        state = placement.on_mesh(jax.jit(create, out_shardings=placed.shardings), mesh,
+                                  layout)(jax.random.key(0))
+        train_step = placement.on_mesh(placed.step, mesh, layout)
         place = lambda batch: mesh_lib.global_batch(batch, mesh)
     history = []
     for i in range(STEPS):
@@ -67,8 +76,11 @@ def single_device_history():
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=[] if name == "data2_fsdp2_expert2" else pytest.mark.slow)
     for name in MESHES])
-def test_train_steps_equal_single_device(name, single_device_history):
+def test_train_steps_equal_single_device(name, single_device_history, capfd):
+    capfd.readouterr()
     history = run_steps(*MESHES[name])
+    xla_said = capfd.readouterr().err
+    assert REMAT_WARNING not in xla_said, (name, xla_said[-3000:])
     for want, got in zip(single_device_history, history, strict=True):
         for key in ("loss", "mtp_loss", "balance_loss", "total_loss", "grad_norm",
                     "max_violation", "bias_abs_mean"):
@@ -82,8 +94,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_py(workdir, *extra: str, cpu_devices: int, processes: int = 1) -> list[dict]:
-    """Runs train.py for STEPS tiny steps (in `processes` processes); process 0's metrics."""
+class TrainRun(NamedTuple):
+    records: list[dict]  # process 0's metrics.jsonl
+    stdout: list[str]  # per process
+    stderr: list[str]
+
+
+def train_py(workdir, *extra: str, cpu_devices: int, processes: int = 1) -> TrainRun:
+    """Runs train.py for STEPS tiny steps (in `processes` processes); process 0's metrics and
+    every process's stdout and stderr (which must not hold XLA's rematerialization warning)."""
     corpus = pathlib.Path(workdir) / "corpus.txt"
     corpus.write_text((REPO / "dsv3_jax" / "moe.py").read_text() * 4)
     args = [sys.executable, "train.py", f"--workdir={workdir}", "--config=configs/tiny.py",
@@ -95,14 +114,25 @@ def train_py(workdir, *extra: str, cpu_devices: int, processes: int = 1) -> list
         port = _free_port()
         args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    runs = [subprocess.Popen(args + ([f"--process_id={i}"] if processes > 1 else []), cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(processes)]
-    for run in runs:
-        out, _ = run.communicate(timeout=600)
-        assert run.returncode == 0, out[-3000:]
+    logs = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}_logs"
+    logs.mkdir()
+    runs, files = [], []
+    for i in range(processes):  # output to files: a full pipe must not stall a collective
+        out, err = open(logs / f"stdout_{i}", "w+"), open(logs / f"stderr_{i}", "w+")
+        files.append((out, err))
+        runs.append(subprocess.Popen(args + ([f"--process_id={i}"] if processes > 1 else []),
+                                     cwd=REPO, env=env, stdout=out, stderr=err, text=True))
+    stdout, stderr = [], []
+    for run, (out, err) in zip(runs, files, strict=True):
+        run.wait(timeout=600)
+        out.seek(0), err.seek(0)
+        stdout.append(out.read())
+        stderr.append(err.read())
+        out.close(), err.close()
+        assert run.returncode == 0, (stdout[-1][-2000:], stderr[-1][-3000:])
+        assert REMAT_WARNING not in stderr[-1], stderr[-1][-3000:]
     with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+        return TrainRun([json.loads(line) for line in f], stdout, stderr)
 
 
 def _losses(records):
@@ -118,15 +148,22 @@ def eight_device_run(tmp_path_factory):
 @pytest.mark.slow
 def test_train_py_on_a_mesh_matches_one_device(tmp_path, eight_device_run):
     one = train_py(tmp_path, cpu_devices=1)
-    for (s1, a), (s8, b) in zip(_losses(one), _losses(eight_device_run), strict=True):
+    for (s1, a), (s8, b) in zip(_losses(one.records), _losses(eight_device_run.records),
+                                strict=True):
         assert s1 == s8 and b == pytest.approx(a, rel=1e-5)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, eight_device_run):
-    """2 processes x 4 CPU devices (gloo over 127.0.0.1), each feeding its half of the batch."""
+    """2 processes x 4 CPU devices (gloo over 127.0.0.1), each feeding its half of the batch.
+    Gloo's "[Gloo] Rank r is connected to …" lines (one per communicator it builds, 12 per
+    process in this run) go to the log at INFO, not to stdout."""
     two = train_py(tmp_path, "--config.mesh.data=2", "--config.mesh.expert=4", cpu_devices=4,
                    processes=2)
     assert (tmp_path / "process_1" / "metrics.jsonl").exists()
-    for (s2, a), (s8, b) in zip(_losses(two), _losses(eight_device_run), strict=True):
+    for (s2, a), (s8, b) in zip(_losses(two.records), _losses(eight_device_run.records),
+                                strict=True):
         assert s2 == s8 and a == pytest.approx(b, rel=1e-5)
+    for i, out in enumerate(two.stdout):
+        assert "[Gloo]" not in out, (i, out[-3000:])
+        assert "done: 3 steps" in out or i > 0, (i, out[-3000:])  # stdout itself still flows

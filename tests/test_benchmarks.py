@@ -1,0 +1,58 @@
+"""Smoke runs of every benchmark (benchmarks/*.py) at tiny sizes: each exits 0 and prints JSON
+lines holding the fields its docstring promises, with sane values. The default sizes (the
+figures the benchmarks exist for) are not run here."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
+    "compile_time": (["--layers", "2"], {
+        "benchmark", "preset", "seconds", "ratio", "depth_ratio"}),
+    "decode": (["--preset", "tiny", "--context", "64"], {
+        "benchmark", "preset", "context", "batch", "absorbed_ms", "full_latent_ms",
+        "full_per_head_cache_ms", "full_latent_over_absorbed", "per_head_over_absorbed",
+        "cache_bytes_per_token_bf16", "backend"}),
+    "moe_vs_dense": (["--preset", "tiny", "--tokens", "512", "--capacity_factor", "1.25"], {
+        "benchmark", "preset", "tokens", "experts", "top_k", "mode", "moe_ms", "dense_ms",
+        "ratio", "backend"}),
+}
+
+
+def test_every_benchmark_is_covered():
+    found = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "common"}
+    assert found == set(RUNS), found
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_benchmark_smoke(name):
+    args, keys = RUNS[name]
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert lines, r.stdout[-2000:]
+    for record in lines:
+        assert set(record) == keys, (name, sorted(record))
+    record = lines[0]
+    if name == "compile_time":
+        assert record["preset"] == "tiny" and set(record["seconds"]) == {"2"}
+        assert record["seconds"]["2"] > 0 and record["ratio"] == 1.0
+    elif name == "decode":
+        assert (record["preset"], record["context"], record["batch"]) == ("tiny", 64, 1)
+        assert min(record["absorbed_ms"], record["full_latent_ms"],
+                   record["full_per_head_cache_ms"]) > 0
+        # tiny: C = 32 latent + R = 8 rope values vs 4 heads x (16 + 8 + 16), bf16
+        assert record["cache_bytes_per_token_bf16"] == {"latent": 80, "per_head": 320}
+    else:
+        assert (record["tokens"], record["experts"], record["top_k"]) == (512, 16, 4)
+        assert record["mode"] == "capacity 1.25"
+        assert record["moe_ms"] > 0 and record["dense_ms"] > 0
+        assert record["ratio"] == pytest.approx(record["moe_ms"] / record["dense_ms"],
+                                                rel=0.02)

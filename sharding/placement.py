@@ -98,8 +98,8 @@ def use_mesh(mesh: Mesh, layout: str | Layout):
 def on_mesh(fn: Callable, mesh: Mesh, layout: str | Layout) -> Callable:
     """`fn` (typically jitted) called under `use_mesh`, so it traces under the mesh.
 
-    Preferred to setting the mesh globally: outside these calls, eager code (e.g. `nn.unbox` of
-    abstract shapes) must not see logical rules it would try to apply as constraints.
+    Preferred to setting the mesh globally: outside these calls, eager code (e.g. the model
+    applied outside jit) must not see logical rules it would try to apply as constraints.
     """
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):

@@ -14,7 +14,11 @@ PROGRAM = "import dsv3_jax, jax; print(jax.devices()[0].platform, float(jax.nump
 
 
 def _run(program: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    # A plain user's environment: no platform choice, and none of the TPU_* settings that
+    # sharding.tpu puts into this (test) process when it describes a topology.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "ALLOW_MULTIPLE_LIBTPU_LOAD")
+           and not k.startswith("TPU_")}
     return subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

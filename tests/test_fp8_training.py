@@ -70,6 +70,7 @@ def run(config, steps: int, mesh_sizes=None, text: bool = False):
     return jax.device_get(state), losses
 
 
+@pytest.mark.slow
 def test_delayed_state_on_a_mesh_equals_one_device():
     """data 2 × expert 2 × tensor 2: amaxes combined by max across every shard (a sum would
     double or quadruple them), the expert-parallel shard_map path included."""

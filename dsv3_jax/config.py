@@ -21,7 +21,7 @@ _NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "remat_policy", "fp8",
                             "fp8_amax_history_length", "fp8_margin", "capacity_factor",
                             "expert_block_size", "expert_shard_limit"})
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-_FP8_RECIPES = ("none", "delayed", "blockwise")  # = dsv3_jax.fp8.RECIPES
+FP8_RECIPES = ("none", "delayed", "blockwise")  # dsv3_jax/fp8.py implements them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +261,7 @@ def _validate(c: ModelConfig) -> None:
                  "(jnp.bfloat16, np.float32, jnp.dtype('bfloat16'))", value)
     _require(c.remat_policy in _REMAT_POLICIES, "remat_policy", f"allowed: {_REMAT_POLICIES}",
              c.remat_policy)
-    _require(c.fp8 in _FP8_RECIPES, "fp8", f"allowed: {_FP8_RECIPES}", c.fp8)
+    _require(c.fp8 in FP8_RECIPES, "fp8", f"allowed: {FP8_RECIPES}", c.fp8)
     _require(_is_int(c.fp8_amax_history_length) and c.fp8_amax_history_length >= 1,
              "fp8_amax_history_length", "must be an integer >= 1", c.fp8_amax_history_length)
     _require(_is_int(c.fp8_margin) and c.fp8_margin >= 0, "fp8_margin",

@@ -41,9 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.config import FP8_RECIPES
+
 E4M3 = jnp.float8_e4m3fn  # max 448
 E5M2 = jnp.float8_e5m2  # max 57344
-RECIPES = ("none", "delayed", "blockwise")
+RECIPES = FP8_RECIPES  # none, delayed, blockwise (validated in ModelConfig)
 TILE = 128
 AMAX_FLOOR = 1e-4  # DeepGEMM's clamp: an all-zero tile gets a finite scale
 
@@ -258,11 +260,6 @@ def _scaled_dot(a_q, a_s, b_q, b_s) -> jax.Array:
     return jnp.einsum("gmjn,gmj,gjn->gmn", partial, a_s, b_s)
 
 
-def _weight_blocks(w3):
-    """w [G, K, N] in 128×128 blocks: (q, block scales [G, nK, nN])."""
-    return blockwise_quantize(w3)
-
-
 @jax.custom_vjp
 def _blockwise_gemm(x3, w3):
     return _blockwise_fwd(x3, w3)[0]
@@ -270,7 +267,7 @@ def _blockwise_gemm(x3, w3):
 
 def _blockwise_fwd(x3, w3):
     qx, sx = tilewise_quantize(x3)  # 1×128 tiles along K
-    qw, sw = _weight_blocks(w3)
+    qw, sw = blockwise_quantize(w3)  # 128×128 blocks of (K, N): scales [G, nK, nN]
     y = _scaled_dot(qx, sx, qw, expand_blocks(sw, (sw.shape[1], w3.shape[2]), (1, TILE)))
     return y.astype(x3.dtype), (x3, qw, sw, _dtype_tag(x3), _dtype_tag(w3))
 

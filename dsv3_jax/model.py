@@ -119,7 +119,6 @@ class DeepSeekV3(nn.Module):
         if positions is None:
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        dtype = dtype_of(c.dtype)
         embedding = self.param(
             "embed_tokens",
             logically_partitioned(nn.initializers.normal(c.initializer_range),
@@ -128,13 +127,8 @@ class DeepSeekV3(nn.Module):
         bias = self.variable("moe_bias", "e_score_correction_bias", jnp.zeros,
                              (c.num_moe_layers + c.num_nextn_predict_layers, c.n_routed_experts),
                              jnp.float32).value
-        # The table as activations see it (ZeRO-3 gathers it like every other weight; vocab
-        # stays split over `tensor`), so each device looks up its own tokens: gathering from a
-        # table split along embed would leave [B, T, D/n] rows that SPMD can only reshard to the
-        # batch split (and back, for the gradient) by replicating them.
-        table = nn.with_logical_constraint(embedding, ("vocab", "embed"))
-        embed = lambda ids: jnp.take(table, ids, axis=0).astype(dtype)
-        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(embed_lookup(embedding, tokens, c),
+                                       ("batch", "length", "embed"))
         cache = dict(cache) if cache is not None else None
         get = lambda key: None if cache is None else cache[key]
 
@@ -152,29 +146,14 @@ class DeepSeekV3(nn.Module):
             balance.append(layer_balance)
             if cache is not None:
                 cache["moe"] = new
-        hidden = RMSNorm(c.hidden_size, c, name="norm")(x)
-        head = Einsum((c.hidden_size, c.vocab_size), ("embed", "vocab"), c, out_dtype="float32",
-                      fp8=False, name="lm_head")  # high precision, as in V3
-        logits = head("BTD,DV->BTV", hidden)
-
-        mtp_logits = []
-        if mtp and c.num_nextn_predict_layers:
-            h = hidden
-            new_mtp = []
-            for k in range(c.num_nextn_predict_layers):
-                shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))  # t_{i+k+1}
-                layer_cache = None if cache is None else jax.tree.map(lambda a, k=k: a[k],
-                                                                      cache["mtp"])
-                h, layer_cache, layer_counts, layer_balance = MTPModule(
-                    c, absorb=absorb, name=f"mtp_{k}")(
-                    h, embed(shifted), positions, cache_index, bias[c.num_moe_layers + k],
-                    layer_cache)
-                mtp_logits.append(head("BTD,DV->BTV", h))
-                counts.append(layer_counts[None])
-                balance.append(layer_balance[None])
-                new_mtp.append(layer_cache)
-            if cache is not None:
-                cache["mtp"] = jax.tree.map(lambda *a: jnp.stack(a), *new_mtp)
+        mtp_cache = get("mtp") if mtp else None
+        hidden, logits, mtp_logits, mtp_counts, mtp_balance, new_mtp = output_heads(
+            c, x, tokens, embedding, positions, cache_index, bias[c.num_moe_layers:],
+            mtp_cache, absorb=absorb, mtp=mtp)
+        counts += mtp_counts
+        balance += mtp_balance
+        if cache is not None and new_mtp is not None:
+            cache["mtp"] = new_mtp
         return ModelOutput(
             logits=logits,
             mtp_logits=tuple(mtp_logits),
@@ -184,6 +163,57 @@ class DeepSeekV3(nn.Module):
             hidden=hidden,
             cache=cache,
         )
+
+
+def embed_lookup(table: jax.Array, ids: jax.Array, config: ModelConfig) -> jax.Array:
+    """Rows of the embedding table [V, D] for ids [B, T], in the compute dtype.
+
+    The table is constrained as activations see it (ZeRO-3 gathers it like every other weight;
+    vocab stays split over `tensor`), so each device looks up its own tokens: gathering from a
+    table split along embed would leave [B, T, D/n] rows that SPMD can only reshard to the
+    batch split (and back, for the gradient) by replicating them.
+    """
+    table = nn.with_logical_constraint(table, ("vocab", "embed"))
+    return jnp.take(table, ids, axis=0).astype(dtype_of(config.dtype))
+
+
+def output_heads(c: ModelConfig, x, tokens, table, positions, cache_index, mtp_bias, mtp_cache,
+                 *, absorb: bool = False, mtp: bool = True):
+    """Final norm, LM head and the MTP modules, created in the calling module's scope (params
+    `norm`, `lm_head`, `mtp_k`): the end of `DeepSeekV3` and of a pipeline's last stage.
+
+    Args:
+      x: [B, T, D] the last decoder layer's output; tokens: [B, T] the input ids;
+      table: the embedding table [V, D] (MTP embeds the shifted tokens);
+      mtp_bias: [num_mtp, E] the MTP blocks' correction biases; mtp_cache: their stacked
+        LatentCache, or None.
+    Returns:
+      (hidden [B, T, D], logits [B, T, V] f32, mtp_logits tuple, counts list of [1, E],
+       balance list of [1], new mtp cache or None)
+    """
+    hidden = RMSNorm(c.hidden_size, c, name="norm")(x)
+    head = Einsum((c.hidden_size, c.vocab_size), ("embed", "vocab"), c, out_dtype="float32",
+                  fp8=False, name="lm_head")  # high precision, as in V3
+    logits = head("BTD,DV->BTV", hidden)
+    mtp_logits, counts, balance, new_cache = [], [], [], None
+    if mtp and c.num_nextn_predict_layers:
+        h = hidden
+        new_mtp = []
+        for k in range(c.num_nextn_predict_layers):
+            shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))  # t_{i+k+1}
+            layer_cache = None if mtp_cache is None else jax.tree.map(lambda a, k=k: a[k],
+                                                                      mtp_cache)
+            h, layer_cache, layer_counts, layer_balance = MTPModule(
+                c, absorb=absorb, name=f"mtp_{k}")(
+                h, embed_lookup(table, shifted, c), positions, cache_index, mtp_bias[k],
+                layer_cache)
+            mtp_logits.append(head("BTD,DV->BTV", h))
+            counts.append(layer_counts[None])
+            balance.append(layer_balance[None])
+            new_mtp.append(layer_cache)
+        if mtp_cache is not None:
+            new_cache = jax.tree.map(lambda *a: jnp.stack(a), *new_mtp)
+    return hidden, logits, tuple(mtp_logits), counts, balance, new_cache
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"train.py": ["train.py"], "sample": ["-m", "dsv3_jax.sample"],
-            "sharding.aot": ["-m", "sharding.aot"], "sharding.plan": ["-m", "sharding.plan"]}
+            "sharding.aot": ["-m", "sharding.aot"], "sharding.plan": ["-m", "sharding.plan"],
+            "sharding.pipeline.simulate": ["-m", "sharding.pipeline.simulate"]}
 
 
 def _run(name: str, *args: str) -> subprocess.CompletedProcess:

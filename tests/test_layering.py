@@ -8,7 +8,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("dsv3_jax", "sharding")
 # Command-line programs: they compose the layers below them and nothing imports them.
-ENTRY_POINTS = {"train", "dsv3_jax.sample", "sharding.aot", "sharding.plan"}
+ENTRY_POINTS = {"train", "dsv3_jax.sample", "sharding.aot", "sharding.plan",
+                "sharding.pipeline.simulate"}
 
 
 def _modules() -> dict[str, str]:

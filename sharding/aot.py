@@ -89,20 +89,32 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  {'HBM':<32} {r['hbm_per_device_bytes'] / GiB:10.3f} GiB  -> {verdict} "
                  f"({abs(r['headroom_bytes']) / GiB:.2f} GiB "
                  f"{'to spare' if r['fits'] else 'over'})")
+    comm = r["communication_seconds"]
+    ms = lambda seconds: f"{seconds * 1e3:,.3f} ms"
+    pct = lambda mfu: f"{(mfu or 0) * 100:.1f}%"
     lines += [f"FLOPs per step: {r['flops_per_step']:.4g} compiled matmuls "
               f"({r['flops_per_device']:.4g} per device); model (6·active + attention) "
               f"{r['model_flops_per_step']:.4g}",
-              f"roofline step time: {r['roofline_step_seconds'] * 1e3:.2f} ms "
-              f"({r['roofline_bound']}-bound); MFU at roofline "
-              f"{(r['mfu_at_roofline'] or 0) * 100:.1f}%"]
+              f"step time terms: compute {ms(r['compute_seconds'])}, HBM "
+              f"{ms(r['memory_seconds'])}, communication {ms(comm['total'])} (at "
+              f"{r['ici_bandwidth_per_device'] / 1e9:.0f} GB/s ICI per device, one direction)",
+              f"roofline, overlapped = max(compute, HBM, communication): "
+              f"{ms(r['roofline_overlapped_step_seconds'])} ({r['roofline_bound']}-bound), "
+              f"MFU {pct(r['mfu_overlapped'])}",
+              f"roofline, exposed = max(compute, HBM) + communication: "
+              f"{ms(r['roofline_exposed_step_seconds'])}, MFU {pct(r['mfu_exposed'])}"]
     if "mfu_at_measured" in r:
         lines.append(f"MFU at the measured {r['measured_step_seconds']:.3f} s/step: "
                      f"{r['mfu_at_measured'] * 100:.1f}%")
-    lines.append("collectives per step (per device):")
-    for kind, c in r["collectives"].items():
-        lines.append(f"  {kind:<20} {c['count']:6d} ops {c['bytes_per_step'] / 2**20:12.2f} MiB")
-    if not r["collectives"]:
-        lines.append("  none")
+    lines.append(f"{'collectives per step (per device):':<35} {'ops':>8} {'result MiB':>12} "
+                 f"{'link MiB':>12} {'ICI ms':>10}")
+    # Expert all-to-alls and pipeline permutes first, then the ZeRO/data-parallel collectives;
+    # every kind is listed, so a missing pipeline permute shows as 0.
+    for kind in ("all-to-all", "ragged-all-to-all", "collective-permute", "all-gather",
+                 "reduce-scatter", "all-reduce"):
+        c = r["collectives"].get(kind, {"count": 0, "bytes_per_step": 0})
+        lines.append(f"  {kind:<33} {c['count']:8d} {c['bytes_per_step'] / 2**20:12.2f} "
+                     f"{r['link_bytes_per_step'][kind] / 2**20:12.2f} {comm[kind] * 1e3:10.3f}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ and multiplies through nested loops, fusions and calls.
 * Each collective instruction on its own (`collective_ops`): executions per step, bytes, its
   device groups (`replica_groups` in any of XLA's three spellings, see `parse_replica_groups`)
   and the JAX op it came from (`op_name` metadata).
+* Link traffic (`link_bytes`, `traffic_per_device`): the bytes each device must receive over
+  its chip-to-chip links per step, from each collective's result bytes and group size.
 """
 
 from __future__ import annotations
@@ -233,6 +235,41 @@ def collective_ops(hlo: str) -> list[CollectiveOp]:
         ops.append(CollectiveOp(base, inst.name, times, _shape_bytes(inst.result),
                                 parse_replica_groups(attrs), name.group(1) if name else ""))
     return ops
+
+
+def link_bytes(kind: str, result_bytes: float, group_size: int) -> float:
+    """Bytes one device receives (and sends: these collectives are symmetric) over its links
+    for one execution, under a bandwidth-optimal schedule over `group_size` devices. With R the
+    result's bytes on each device and n the group size:
+
+      all-gather          R·(n-1)/n   every shard but its own
+      all-to-all          R·(n-1)/n   every chunk but the one it keeps (ragged: R is the
+                                      output buffer, an upper estimate of the rows it fills)
+      reduce-scatter      R·(n-1)     the result is one n-th of the input; a ring passes
+                                      n-1 partial sums of it
+      all-reduce          2·R·(n-1)/n a reduce-scatter then an all-gather of R
+      collective-permute  R           one buffer from a peer (pipeline stages, halos)
+
+    A group of one device moves nothing (every factor but the permute's is 0 at n = 1).
+    """
+    n = group_size
+    factor = {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
+              "ragged-all-to-all": (n - 1) / n, "reduce-scatter": n - 1,
+              "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[kind]
+    return factor * result_bytes
+
+
+def traffic_per_device(ops: list[CollectiveOp], devices: int) -> dict[str, float]:
+    """{kind: link bytes per step} of one device, every kind of `KINDS` (0.0 when absent).
+
+    Each op's group size is its largest replica group (the step waits for the busiest device),
+    all `devices` when it lists none; loop trip counts are in `op.count`.
+    """
+    totals = dict.fromkeys(KINDS, 0.0)
+    for op in ops:
+        n = max(map(len, op.groups)) if op.groups else devices
+        totals[op.kind] += op.count * link_bytes(op.kind, op.bytes, n)
+    return totals
 
 
 def summarize(hlo: str) -> dict[str, Collective]:

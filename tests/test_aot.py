@@ -12,7 +12,7 @@ pytest.importorskip("libtpu")
 from configs import tiny  # noqa: E402
 from dsv3_jax.accounting import flops_per_token  # noqa: E402
 from dsv3_jax.training import run_config  # noqa: E402
-from sharding import aot, plan, tpu  # noqa: E402
+from sharding import aot, hlo_stats, plan, tpu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,11 +57,37 @@ def test_compiles_and_argument_bytes_match_the_plan(topology, mesh, capfd):
     # compiled matmul FLOPs ≥ the analytic 6·activated + attention count; above it only by the
     # padding of dropless expert blocks / expert-parallel buffers and the remat recompute
     assert 0.95 < report["flops_per_step"] / report["model_flops_per_step"] < 3.0
+    comm = report["communication_seconds"]
     if mesh.get("expert", 1) > 1:
-        assert report["collectives"]["all-to-all"]["count"] > 0
+        assert report["collectives"]["all-to-all"]["count"] > 0 and comm["all-to-all"] > 0
     else:
-        assert "all-to-all" not in report["collectives"]
+        assert "all-to-all" not in report["collectives"] and comm["all-to-all"] == 0
     assert report["collectives"]["all-reduce"]["bytes_per_step"] > 0  # gradient reduction
+    _check_roofline(report, chip, mesh)
+
+
+def _check_roofline(report, chip, mesh):
+    """The communication term is link bytes / ICI bandwidth, and the bounds are ordered."""
+    comm = report["communication_seconds"]
+    assert report["ici_bandwidth_per_device"] == chip.ici_bandwidth  # one device per v5p chip
+    if mesh == dict(data=4):  # every collective spans the 4 data-parallel devices (or permutes)
+        factor = {"all-reduce": 2 * 3 / 4, "all-gather": 3 / 4, "collective-permute": 1}
+        assert set(report["collectives"]) <= set(factor), report["collectives"]
+        for kind, c in report["collectives"].items():
+            assert comm[kind] == pytest.approx(factor[kind] * c["bytes_per_step"]
+                                               / chip.ici_bandwidth), kind
+    assert comm["total"] == pytest.approx(sum(v for k, v in comm.items() if k != "total"))
+    terms = report["compute_seconds"], report["memory_seconds"], comm["total"]
+    exposed, overlapped = (report["roofline_exposed_step_seconds"],
+                           report["roofline_overlapped_step_seconds"])
+    assert exposed >= overlapped >= max(terms) > 0 and comm["total"] > 0
+    assert overlapped == max(terms) == report["roofline_step_seconds"]
+    assert exposed == pytest.approx(max(terms[:2]) + terms[2])
+    assert report["mfu_exposed"] <= report["mfu_overlapped"] == report["mfu_at_roofline"]
+    text = aot.format_report(report)
+    assert "overlapped" in text and "exposed" in text
+    for kind in hlo_stats.KINDS:  # collective-permute (pipeline p2p) shown even when 0
+        assert f"  {kind} " in text, kind
 
 
 def test_matmul_flops_of_a_scanned_tpu_program_count_every_iteration():

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sharding.hlo_stats import collective_ops, parse_replica_groups, summarize
+from sharding import tpu
+from sharding.hlo_stats import (
+    CollectiveOp,
+    collective_ops,
+    parse_replica_groups,
+    summarize,
+    traffic_per_device,
+)
 
 
 def _mesh():
@@ -37,6 +44,10 @@ def test_collectives_inside_scan_count_once_per_iteration():
     assert got["all-reduce"].bytes == 5 * 4 * 16 * 4
     assert got["all-to-all"].count == 1 and got["all-to-all"].bytes == 4 * 16 * 4
     assert got["all-gather"].count == 1 and got["all-gather"].bytes == 32 * 16 * 4
+    # link bytes over the 8-device group: all-reduce 2·7/8 of its result, the others 7/8
+    assert traffic_per_device(collective_ops(hlo), 8) == {
+        "all-reduce": 5 * 2 * 7 / 8 * 256, "all-to-all": 7 / 8 * 256, "all-gather": 7 / 8 * 2048,
+        "reduce-scatter": 0, "collective-permute": 0, "ragged-all-to-all": 0}
     np.testing.assert_allclose(np.asarray(f(x))[:4], 8 ** 5 * 0.5 ** 5)
 
 
@@ -67,3 +78,36 @@ def test_replica_groups_in_every_spelling(text, groups):
 def test_unknown_replica_groups_are_an_error():
     with pytest.raises(ValueError, match="unknown replica_groups form"):
         parse_replica_groups("replica_groups=<<future>>, x")
+
+
+def test_link_traffic_and_roofline_bounds_of_hand_made_collectives():
+    """Link bytes per device on 8 devices, worked by hand (R result bytes, n group size), then
+    the two step-time bounds at 1 GB/s of ICI."""
+    quads, pairs = ((0, 1, 2, 3), (4, 5, 6, 7)), ((0, 1), (2, 3), (4, 5), (6, 7))
+    ops = [CollectiveOp("all-reduce", "ar", 3, 1024, quads, ""),  # 3 x 2·(3/4)·1024 = 4608
+           CollectiveOp("all-reduce", "solo", 10, 999, tuple((d,) for d in range(8)), ""),  # 0
+           CollectiveOp("reduce-scatter", "rs", 2, 256, quads, ""),  # 2 x 3·256 = 1536
+           CollectiveOp("all-gather", "ag", 1, 800, None, ""),  # all 8: (7/8)·800 = 700
+           CollectiveOp("all-to-all", "a2a", 4, 100, pairs, ""),  # 4 x (1/2)·100 = 200
+           CollectiveOp("collective-permute", "cp", 5, 64, None, "")]  # 5 x 64 = 320
+    traffic = traffic_per_device(ops, devices=8)
+    assert traffic == {"all-reduce": 4608, "reduce-scatter": 1536, "all-gather": 700,
+                       "all-to-all": 200, "collective-permute": 320, "ragged-all-to-all": 0}
+
+    # communication: 7364 bytes / 1e9 B/s = 7.364 µs, more than compute (2 µs) or HBM (1 µs)
+    b = tpu.step_time_bounds(2e-6, 1e-6, traffic, ici_bandwidth=1e9)
+    assert b["communication_seconds"]["all-reduce"] == pytest.approx(4.608e-6)
+    assert b["communication_seconds"]["collective-permute"] == pytest.approx(0.32e-6)
+    assert b["communication_seconds"]["total"] == pytest.approx(7.364e-6)
+    assert b["roofline_overlapped_step_seconds"] == pytest.approx(7.364e-6)
+    assert b["roofline_exposed_step_seconds"] == pytest.approx(2e-6 + 7.364e-6)
+    assert b["roofline_bound"] == "communication"
+    # 10 µs of compute hides it when overlapped; exposed adds it
+    b = tpu.step_time_bounds(10e-6, 1e-6, traffic, ici_bandwidth=1e9)
+    assert b["roofline_overlapped_step_seconds"] == 10e-6 and b["roofline_bound"] == "compute"
+    assert b["roofline_exposed_step_seconds"] == pytest.approx(17.364e-6)
+    # no collectives: both bounds are max(compute, HBM)
+    b = tpu.step_time_bounds(1e-6, 3e-6, {}, ici_bandwidth=1e9)
+    assert b["roofline_overlapped_step_seconds"] == b["roofline_exposed_step_seconds"] == 3e-6
+    assert b["roofline_bound"] == "memory" and b["communication_seconds"]["total"] == 0
+

@@ -110,14 +110,15 @@ class DeepSeekV3(nn.Module):
         Args:
           tokens: [B, T] int token ids.
           positions: [B, T] absolute positions; default arange(T) (+ cache_index).
-          cache: decode cache from `init_cache` (keys dense/moe/mtp), written at `cache_index`.
+          cache: decode cache from `init_cache` (keys dense/moe/mtp), written at `cache_index`:
+            a scalar, or [B] when each row continues from its own length.
           absorb: attend over the cache with the absorbed MLA path (decode steps).
           mtp: also run the MTP modules (training, drafting).
         """
         c = self.config
         B, T = tokens.shape
         if positions is None:
-            start = 0 if cache_index is None else cache_index
+            start = 0 if cache_index is None else jnp.reshape(cache_index, (-1, 1))
             positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         embedding = self.param(
             "embed_tokens",
@@ -148,8 +149,8 @@ class DeepSeekV3(nn.Module):
                 cache["moe"] = new
         mtp_cache = get("mtp") if mtp else None
         hidden, logits, mtp_logits, mtp_counts, mtp_balance, new_mtp = output_heads(
-            c, x, tokens, embedding, positions, cache_index, bias[c.num_moe_layers:],
-            mtp_cache, absorb=absorb, mtp=mtp)
+            c, x, mtp_inputs(embedding, tokens, c) if mtp else (), positions, cache_index,
+            bias[c.num_moe_layers:], mtp_cache, absorb=absorb)
         counts += mtp_counts
         balance += mtp_balance
         if cache is not None and new_mtp is not None:
@@ -177,14 +178,21 @@ def embed_lookup(table: jax.Array, ids: jax.Array, config: ModelConfig) -> jax.A
     return jnp.take(table, ids, axis=0).astype(dtype_of(config.dtype))
 
 
-def output_heads(c: ModelConfig, x, tokens, table, positions, cache_index, mtp_bias, mtp_cache,
-                 *, absorb: bool = False, mtp: bool = True):
+def mtp_inputs(table: jax.Array, tokens: jax.Array, config: ModelConfig) -> tuple:
+    """What MTP depth k embeds at position i: token t_{i+k+1} (token 0 past the input), for
+    k < num_nextn_predict_layers; [B, T, D] each."""
+    return tuple(embed_lookup(table, jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1))), config)
+                 for k in range(config.num_nextn_predict_layers))
+
+
+def output_heads(c: ModelConfig, x, mtp_embeds, positions, cache_index, mtp_bias, mtp_cache,
+                 *, absorb: bool = False):
     """Final norm, LM head and the MTP modules, created in the calling module's scope (params
     `norm`, `lm_head`, `mtp_k`): the end of `DeepSeekV3` and of a pipeline's last stage.
 
     Args:
-      x: [B, T, D] the last decoder layer's output; tokens: [B, T] the input ids;
-      table: the embedding table [V, D] (MTP embeds the shifted tokens);
+      x: [B, T, D] the last decoder layer's output;
+      mtp_embeds: `mtp_inputs(...)`, or () to skip the MTP modules;
       mtp_bias: [num_mtp, E] the MTP blocks' correction biases; mtp_cache: their stacked
         LatentCache, or None.
     Returns:
@@ -196,16 +204,15 @@ def output_heads(c: ModelConfig, x, tokens, table, positions, cache_index, mtp_b
                   fp8=False, name="lm_head")  # high precision, as in V3
     logits = head("BTD,DV->BTV", hidden)
     mtp_logits, counts, balance, new_cache = [], [], [], None
-    if mtp and c.num_nextn_predict_layers:
+    if mtp_embeds:
         h = hidden
         new_mtp = []
-        for k in range(c.num_nextn_predict_layers):
-            shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))  # t_{i+k+1}
+        for k, emb in enumerate(mtp_embeds):
             layer_cache = None if mtp_cache is None else jax.tree.map(lambda a, k=k: a[k],
                                                                       mtp_cache)
             h, layer_cache, layer_counts, layer_balance = MTPModule(
                 c, absorb=absorb, name=f"mtp_{k}")(
-                h, embed_lookup(table, shifted, c), positions, cache_index, mtp_bias[k],
+                h, emb, positions, cache_index, mtp_bias[k],
                 layer_cache)
             mtp_logits.append(head("BTD,DV->BTV", h))
             counts.append(layer_counts[None])

@@ -166,9 +166,16 @@ def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None
 
 def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
     """x[index] along axis 0, where index == len(x) selects a row of `fill` (an empty slot or
-    dropped assignment)."""
-    pad = jnp.full((1,) + x.shape[1:], fill, x.dtype)
-    return jnp.concatenate([x, pad], axis=0)[index]
+    dropped assignment).
+
+    A clamped gather and a select, not a gather from x with a fill row appended: appending a
+    row to a batch-split x makes SPMD shift rows between neighbours (a collective-permute),
+    which XLA:CPU cannot run inside a branch only some devices take (a pipeline tick).
+    """
+    n = x.shape[0]
+    rows = jnp.take(x, jnp.minimum(index, n - 1), axis=0)
+    keep = (index < n).reshape(index.shape + (1,) * (x.ndim - 1))
+    return jnp.where(keep, rows, jnp.asarray(fill, x.dtype))
 
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],

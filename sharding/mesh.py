@@ -8,7 +8,7 @@ ConfigDict such as train.py's `config.mesh`, a dataclass):
   expert  routed experts split; these ranks also split the batch for attention and dense layers
           (V3: expert-parallel ranks are data-parallel ranks everywhere else)
   tensor  attention heads, MLP hidden and vocab split (Megatron style); batch replicated
-  pipe    pipeline stages (DualPipe, later): accepted by `sharding.plan` as a divisor only
+  pipe    pipeline stages (`sharding.pipeline`: 1F1B, ZB1P, DualPipe, DualPipeV)
 
 Sizes must multiply to the device count; one of them may be -1 to take what is left. The device
 mesh orders its axes pipe, data, fsdp, expert, tensor (slowest to fastest varying) so that the
@@ -90,14 +90,10 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     """The device mesh for a mesh config over `devices` (default: every device of every process).
 
     Raises:
-      ValueError: as `mesh_shape`, and for pipe > 1 (pipelining is not implemented yet; only
-        `sharding.plan` accepts it).
+      ValueError: as `mesh_shape`.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_config, len(devices))
-    if sizes["pipe"] != 1:
-        raise ValueError(f"mesh.pipe={sizes['pipe']}: pipeline parallelism is not implemented "
-                         "yet; use pipe=1 (sharding.plan accepts pipe > 1 for planning)")
     # Logical axes may split a physical torus axis (e.g. data=2 × fsdp=2 on a 4-chip ring):
     # jax.make_mesh refuses that, create_device_mesh allows it and still keeps neighbours close.
     grid = mesh_utils.create_device_mesh([sizes[a] for a in DEVICE_ORDER], devices,

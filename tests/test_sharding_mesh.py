@@ -49,8 +49,9 @@ def test_make_mesh_is_auto_and_ordered():
     # tensor is the fastest-varying axis: its pairs are neighbouring devices.
     assert [d.id for d in mesh.devices[0, 0, 0, 0, :]] == [0, 1]
     assert mesh_lib.batch_shards(mesh) == 4
-    with pytest.raises(ValueError, match="pipeline parallelism is not implemented"):
-        mesh_lib.make_mesh(dict(data=4, pipe=2))
+    piped = mesh_lib.make_mesh(dict(data=4, pipe=2))
+    # pipe is the slowest axis: its two stages are the two halves of the devices.
+    assert [d.id for d in piped.devices[:, 0, 0, 0, 0]] == [0, 4]
 
 
 def test_initialize_distributed_argument_checks():

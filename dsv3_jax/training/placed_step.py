@@ -8,6 +8,7 @@ parameters' logical axes, batch sharding, a donated, jitted step. Call or lower 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,9 +17,11 @@ import ml_collections
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.training import run_config
 from dsv3_jax.training import state as train_state
 from dsv3_jax.training import step as train_step
-from sharding.mesh import batch_sharding, replicated
+from sharding.mesh import BATCH_AXES, batch_sharding, replicated
+from sharding.pipeline import executor
 from sharding.placement import state_shardings, with_shardings
 
 
@@ -38,8 +41,25 @@ def place_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
     shardings = state_shardings(abstract, train_state.param_partition_specs(model), mesh,
                                 config.mesh.layout)
     batch = batch_sharding(mesh)
+    grad_fn = pipelined_value_and_grad(model, config, mesh) if mesh.shape["pipe"] > 1 else None
     step = jax.jit(train_step.make_train_step(model, config, tx,
-                                              train_state.make_schedule(config)),
+                                              train_state.make_schedule(config), grad_fn),
                    donate_argnums=0, in_shardings=(shardings, batch),
                    out_shardings=(shardings, replicated(mesh)))
     return PlacedTrainStep(step, tx, with_shardings(abstract, shardings), shardings, batch)
+
+
+def pipelined_value_and_grad(model: ModelConfig, config: ml_collections.ConfigDict,
+                             mesh: Mesh) -> Callable:
+    """The step's loss and gradients through `config.pipeline`'s schedule over mesh.pipe
+    (`sharding.pipeline.executor`), in the signature of `step.make_value_and_grad`."""
+    batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    schedule, plan = run_config.pipeline_plan(config, mesh.shape["pipe"], model, batch_shards)
+    fn = executor.value_and_grad(model, schedule, plan, train_step.make_objective(config),
+                                 config.balance_loss_alpha, mesh)
+
+    def value_and_grad(params, fp8_state, moe_bias, tokens):
+        value, grads = fn(params, moe_bias["e_score_correction_bias"], tokens)
+        return value, (grads, {})  # no FP8 scaling state: delayed FP8 is refused with pipe
+
+    return value_and_grad

@@ -21,7 +21,8 @@ from ml_collections import config_dict
 
 from dsv3_jax.config import ModelConfig, YarnScaling
 from sharding import mesh as mesh_lib
-from sharding import rules
+from sharding import pipeline, rules
+from sharding.pipeline import stages
 
 MESH_AXES = mesh_lib.AXES  # data, fsdp, expert, tensor, pipe
 _SCALAR_TYPES = {"int": int, "float": float}
@@ -86,6 +87,12 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     # Device mesh sizes (one may be -1) and the sharding layout (sharding/rules.py: dp, fsdp,
     # zero1). Expert parallelism switches on with mesh.expert > 1.
     c.mesh = ml_collections.ConfigDict({**{axis: 1 for axis in MESH_AXES}, "layout": "fsdp"})
+    # Pipeline parallelism (mesh.pipe > 1; sharding/pipeline): the schedule, the micro-batches
+    # per step (each batch_size / microbatches sequences) and, optionally, the decoder layers
+    # of each stage (None: the balanced split of sharding.pipeline.stages.split_layers).
+    c.pipeline = ml_collections.ConfigDict(dict(
+        schedule="1f1b", microbatches=0,
+        layers_per_stage=config_dict.placeholder(tuple)))
     return c
 
 
@@ -146,9 +153,6 @@ def check_mesh(config: ml_collections.ConfigDict, num_devices: int,
     sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
     try:
         shape = mesh_lib.mesh_shape(sizes, num_devices)
-        if shape["pipe"] != 1:
-            raise ValueError(f"pipe={shape['pipe']}: pipeline parallelism is not implemented "
-                             "yet; use pipe=1")
         rules.get_layout(config.mesh.layout)
         if model is not None:
             rules.check_model_fits(model, shape)
@@ -158,6 +162,50 @@ def check_mesh(config: ml_collections.ConfigDict, num_devices: int,
     if config.batch_size % shards:
         raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the "
                           f"{shards} batch shards of config.mesh (data x fsdp x expert)")
+    if shape["pipe"] > 1:
+        pipeline_plan(config, shape["pipe"], model, shards)
+
+
+def pipeline_microbatches(config: ml_collections.ConfigDict, pipe: int) -> int:
+    """config.pipeline.microbatches, or its default 2·pipe when 0."""
+    m = config.pipeline.microbatches
+    if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+        raise ConfigError(f"config.pipeline.microbatches={m!r} is invalid: must be an integer "
+                          ">= 0 (0: 2 x mesh.pipe)")
+    return m or 2 * pipe
+
+
+def pipeline_plan(config: ml_collections.ConfigDict, pipe: int, model: ModelConfig | None,
+                  batch_shards: int = 1):
+    """The validated (schedule, stage plan) of a run with mesh.pipe = `pipe` > 1 (the plan is
+    None without a model); ConfigError naming the field otherwise."""
+    unknown = set(config.pipeline.keys()) - {"schedule", "microbatches", "layers_per_stage"}
+    if unknown:
+        raise ConfigError(f"config.pipeline has unknown fields {sorted(unknown)}; allowed: "
+                          "schedule, microbatches, layers_per_stage")
+    m = pipeline_microbatches(config, pipe)
+    try:
+        sched = pipeline.schedule(config.pipeline.schedule, pipe, m)
+        pipeline.validate(sched)
+    except ValueError as e:
+        raise ConfigError(f"config.pipeline: {e}") from None
+    if config.batch_size % (m * batch_shards):
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by "
+                          f"config.pipeline.microbatches={m} x the {batch_shards} batch shards "
+                          "(each micro-batch is split over data x fsdp x expert)")
+    if model is None:
+        return sched, None
+    if model.fp8 == "delayed":
+        raise ConfigError("config.model.fp8='delayed' is not supported with mesh.pipe > 1 (its "
+                          "scaling state is per step, a pipeline runs the step in micro-batches);"
+                          " use fp8='blockwise' or 'none'")
+    layers = config.pipeline.layers_per_stage
+    try:
+        plan = stages.plan_stages(model, sched.num_stages,
+                                  None if layers is None else tuple(layers))
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    return sched, plan
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

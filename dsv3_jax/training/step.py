@@ -55,22 +55,47 @@ def max_violation(counts: jax.Array) -> jax.Array:
     return counts.max(-1) / jnp.maximum(counts.mean(-1), 1e-9) - 1.0
 
 
-def make_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule):
-    """The update step: (state, tokens [B, T+1] int32) -> (new state, scalar metrics)."""
+def make_objective(config: ml_collections.ConfigDict):
+    """(logits, mtp_logits, tokens [B, T+1]) -> (CE + λ·MTP, (CE, MTP)): the loss before the
+    balance term (a pipeline's last stage computes it per micro-batch)."""
+    lam = config.mtp_loss_weight
+
+    def objective(logits, mtp_logits, tokens):
+        ce = cross_entropy(logits, tokens[:, 1:]).mean()
+        mtp = mtp_loss(mtp_logits, tokens)
+        return ce + lam * mtp, (ce, mtp)
+
+    return objective
+
+
+def make_value_and_grad(model: ModelConfig, config: ml_collections.ConfigDict):
+    """(params, fp8 state, moe_bias, tokens) -> ((loss, (ce, mtp, balance, expert counts)),
+    (grads, next fp8 state)) of the whole model in one program."""
     net = DeepSeekV3(model)
-    lam, alpha, gamma = config.mtp_loss_weight, config.balance_loss_alpha, config.bias_update_rate
+    objective, alpha = make_objective(config), config.balance_loss_alpha
 
     def loss_fn(params, fp8_state, moe_bias, tokens):
         out = net.apply(model_variables(params, moe_bias, fp8_state), tokens[:, :-1])
-        ce = cross_entropy(out.logits, tokens[:, 1:]).mean()
-        mtp = mtp_loss(out.mtp_logits, tokens)
-        total = ce + lam * mtp + alpha * out.balance_loss
+        loss, (ce, mtp) = objective(out.logits, out.mtp_logits, tokens)
+        total = loss + alpha * out.balance_loss
         return total, (ce, mtp, out.balance_loss, out.expert_counts)
 
+    # The FP8 state's "gradient" is its next value (fp8.py: the custom_vjp cotangent).
+    return jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+
+def make_train_step(model: ModelConfig, config: ml_collections.ConfigDict,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    value_and_grad=None):
+    """The update step: (state, tokens [B, T+1] int32) -> (new state, scalar metrics).
+
+    `value_and_grad` (default `make_value_and_grad`) computes the loss and gradients, e.g. a
+    pipelined one (`dsv3_jax.training.placed_step`); the update around it is the same.
+    """
+    gamma = config.bias_update_rate
+    grad_fn = value_and_grad or make_value_and_grad(model, config)
+
     def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-        # The FP8 state's "gradient" is its next value (fp8.py: the custom_vjp cotangent).
-        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
         (total, (ce, mtp, balance, counts)), (grads, fp8_next) = grad_fn(
             state.params, state.fp8, state.moe_bias, tokens)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -358,6 +358,18 @@ BAD_INPUT = {  # case: (arguments, what the one line says, arguments replace ARG
     "seq_len": (["--config.seq_len=4096"], "max_position_embeddings=1024"),
     "tokenizer": (["--config.data.tokenizer={tokenizer}"], "500 tokens"),
     "different_model": (["--config.model.hidden_size=128"], "different model"),
+    "pipeline_schedule": (["--cpu_devices=2", "--config.mesh.pipe=2",
+                           "--config.pipeline.schedule=dualpipe",
+                           "--config.pipeline.microbatches=2"],
+                          "config.pipeline: dualpipe needs microbatches even and >= 2*pp=4"),
+    "pipeline_layers": (["--cpu_devices=2", "--config.mesh.pipe=2",
+                         "--config.pipeline.layers_per_stage=(1,2)"],
+                        "config.pipeline.layers_per_stage=[1, 2] sums to 3; the model has 2"),
+    "pipe_devices": (["--cpu_devices=2", "--config.mesh.pipe=3"],
+                     "mesh pipe=3 has 3 devices but 2 are available"),
+    "pipeline_batch": (["--cpu_devices=2", "--config.mesh.pipe=2",
+                        "--config.pipeline.microbatches=3"],
+                       "config.batch_size=4 must be divisible by config.pipeline.microbatches=3"),
 }
 
 

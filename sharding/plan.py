@@ -10,8 +10,11 @@ parameter, in the parameter dtype), the largest per-device tensors, and any tens
 threshold that the layout leaves replicated on every device. Nothing is allocated: shapes come
 from `jax.eval_shape` of the model's and the optimizer's init, shardings from the layout.
 
-The pipe axis (pipelining comes later) is counted as a plain divisor: every per-device figure
-is divided by mesh.pipe, as if each stage held exactly 1/pipe of every tensor.
+With mesh.pipe > 1 the figures are what `sharding.pipeline` holds: the parameters, gradients
+and optimizer state keep their layout (split by the other axes, not by pipe: the pipeline
+gathers each rank's stages from them every step), and each rank adds its stages' copies
+(`stage_params`: chunks × the most layers a stage has, padded slots included — DualPipe's second
+copy of every stage, DualPipeV's two V stages) and their gradient accumulators (`stage_grads`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax import cli
 from dsv3_jax.config import ModelConfig
 from sharding import mesh as mesh_lib
-from sharding import placement
+from sharding import pipeline, placement
+from sharding.pipeline import stages
 from sharding.rules import check_model_fits, get_layout
 
 GiB = 2**30
@@ -97,17 +101,37 @@ def abstract_train_state(config: ModelConfig) -> Any:
     return {**variables, placement.OPT_STATE_KEY: opt_state}
 
 
+def stage_copy_bytes(config: ModelConfig, params: Any, specs: Any, mesh_shape, schedule_name: str,
+                     microbatches: int, layers_per_stage=None) -> int:
+    """Bytes one pipeline rank holds of its stages' stacked copies: for each scanned stack,
+    chunks × slots layers of it (each layer's shard under the stack's spec)."""
+    sched = pipeline.schedule(schedule_name, mesh_shape["pipe"], microbatches)
+    stage_plan = stages.plan_stages(config, sched.num_stages, layers_per_stage)
+    slots = {"dense_layers": stage_plan.dense_slots, "moe_layers": stage_plan.moe_slots}
+    total = 0
+    for stack, n in slots.items():
+        if stack not in params:
+            continue
+        length = config.num_dense_layers if stack == "dense_layers" else config.num_moe_layers
+        total += sched.chunks * n * per_device_bytes(params[stack], specs[stack],
+                                                     mesh_shape) // length
+    return total
+
+
 def make_plan(config: ModelConfig, mesh_config: Any, num_devices: int, layout: str = "fsdp",
-              top: int = 8, replicated_threshold: int = 64 * 2**20) -> dict[str, Any]:
+              top: int = 8, replicated_threshold: int = 64 * 2**20, schedule: str = "1f1b",
+              microbatches: int = 0, layers_per_stage=None) -> dict[str, Any]:
     """Per-device bytes of parameters, gradients and optimizer state on a mesh.
 
     Args:
       config: the model.
-      mesh_config: mesh sizes (pipe counted as a divisor; see the module docstring).
+      mesh_config: mesh sizes (see the module docstring for pipe).
       num_devices: devices in the mesh (resolves a -1 size).
       layout: a `sharding.rules` layout name.
       top: how many of the largest per-device tensors to list.
       replicated_threshold: list tensors above this many bytes that no mesh axis splits.
+      schedule, microbatches, layers_per_stage: the pipeline (mesh.pipe > 1; microbatches 0:
+        2 × pipe).
     Returns:
       A JSON-able dict (bytes are per device).
     """
@@ -123,9 +147,13 @@ def make_plan(config: ModelConfig, mesh_config: Any, num_devices: int, layout: s
     part_specs = {"params": specs["params"], "grads": specs["params"],
                   "opt_state": specs[placement.OPT_STATE_KEY], "moe_bias": specs["moe_bias"],
                   "fp8_state": specs.get("fp8", {})}
-    per_device = {k: per_device_bytes(parts[k], part_specs[k], shape) / pipe for k in parts}
+    per_device = {k: per_device_bytes(parts[k], part_specs[k], shape) for k in parts}
+    if pipe > 1:
+        copies = stage_copy_bytes(config, tree["params"], specs["params"], shape, schedule,
+                                  microbatches or 2 * pipe, layers_per_stage)
+        per_device.update(stage_params=copies, stage_grads=copies)
     params = _pairs(tree["params"], specs["params"])
-    largest = sorted(((shard_bytes(leaf, s, shape) / pipe, path, str(s))
+    largest = sorted(((shard_bytes(leaf, s, shape), path, str(s))
                       for path, leaf, s in params), reverse=True)[:top]
     replicated = replicated_above(tree["params"], specs["params"], replicated_threshold)
     replicated += replicated_above(tree[placement.OPT_STATE_KEY], specs[placement.OPT_STATE_KEY],
@@ -142,8 +170,7 @@ def make_plan(config: ModelConfig, mesh_config: Any, num_devices: int, layout: s
 def format_plan(report: dict[str, Any], top: int = 8) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in report["mesh"].items())
     lines = [f"{report['total_params'] / 1e9:.2f}B parameters (incl. MTP) on "
-             f"{report['devices']} devices ({mesh}), layout {report['layout']}; "
-             "pipe counted as a divisor",
+             f"{report['devices']} devices ({mesh}), layout {report['layout']}",
              "per device:"]
     for key, value in report["per_device_bytes"].items():
         lines.append(f"  {key:<10} {value / GiB:10.3f} GiB")
@@ -153,8 +180,7 @@ def format_plan(report: dict[str, Any], top: int = 8) -> str:
     replicated = sorted(report["replicated_above_threshold"], key=lambda x: -x["bytes"])
     if replicated:
         lines.append(f"replicated on every device (above threshold): {len(replicated)} tensors,"
-                     f" {sum(x['bytes'] for x in replicated) / GiB:.2f} GiB before the pipe "
-                     "divisor; largest:")
+                     f" {sum(x['bytes'] for x in replicated) / GiB:.2f} GiB; largest:")
         for item in replicated[:top]:
             lines.append(f"  {item['bytes'] / 2**20:10.1f} MiB  {item['path']}")
     return "\n".join(lines)
@@ -183,7 +209,15 @@ def main(argv) -> None:
         devices = flags.devices or math.prod(sizes)
         layout = (flags.layout or (getattr(mesh, "layout", None) if flags.config else None)
                   or "fsdp")
-        report = make_plan(config, mesh, devices, layout)
+        if flags.config is not None:
+            pipe_config = flags.config.pipeline
+            schedule, microbatches = pipe_config.schedule, pipe_config.microbatches
+            layers = pipe_config.layers_per_stage
+        else:
+            schedule, microbatches, layers = flags.schedule, flags.microbatches, None
+        report = make_plan(config, mesh, devices, layout, schedule=schedule,
+                           microbatches=microbatches,
+                           layers_per_stage=None if layers is None else tuple(layers))
     except (TypeError, ValueError) as e:
         cli.fail("sharding.plan", str(e))
     print(json.dumps(report) if flags.json else format_plan(report))
@@ -201,5 +235,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("devices", None, "device count (default: product of the mesh sizes)")
     flags.DEFINE_string("layout", None, "sharding layout: dp, fsdp or zero1 (default: the "
                         "config's mesh.layout, else fsdp)")
+    flags.DEFINE_string("schedule", "1f1b", "pipeline schedule with pipe > 1 (without --config)")
+    flags.DEFINE_integer("microbatches", 0, "pipeline micro-batches (0: 2 x pipe)")
     flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
     app.run(main, flags_parser=cli.flags_parser("sharding.plan"))

@@ -67,10 +67,11 @@ def _reference(weights, tokens, config):
 
 def _check(weights, name, pp, microbatches, layers=None, **axes):
     params, bias = weights
-    config = _config(name, microbatches, layers)
     devices = pp * int(np.prod(list(axes.values()) or [1]))
     mesh = mesh_lib.make_mesh(dict(pipe=pp, **axes), jax.devices()[:devices])
     rows = microbatches * ROWS_PER_SHARD * mesh_lib.batch_shards(mesh)
+    config = _config(name, microbatches, layers)
+    config.batch_size = rows
     tokens = jax.random.randint(jax.random.key(2), (rows, SEQ + 1), 0, MODEL.vocab_size)
     (ref_loss, ref_aux), (ref_grads, _) = _reference(weights, tokens, config)
     fn = placed_step.pipelined_value_and_grad(MODEL, config, mesh)

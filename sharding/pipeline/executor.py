@@ -381,6 +381,9 @@ def value_and_grad(config, schedule: Schedule, plan: StagePlan, objective,
     dtype = jnp.dtype(config.dtype)
 
     def fn(params, bias, tokens):
+        if tokens.shape[0] % schedule.microbatches:
+            raise ValueError(f"a batch of {tokens.shape[0]} sequences does not split into "
+                             f"{schedule.microbatches} equal micro-batches")
         grads, metrics, counts = run_schedule(
             schedule, plan, stage_fn, params=params, head=head_params(params, config),
             bias=bias, tokens=microbatches(tokens, schedule.microbatches),

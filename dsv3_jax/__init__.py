@@ -8,10 +8,10 @@ skip_absent_tpu()  # before anything starts a backend: no libtpu probe without a
 
 from dsv3_jax.accounting import count_params, flops_per_token, kv_cache_bytes
 from dsv3_jax.config import PRESETS, ModelConfig, YarnScaling
-from dsv3_jax.decode import generate
+from dsv3_jax.decode import Generation, generate
 from dsv3_jax.hf import load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.model import DeepSeekV3, ModelOutput, init_cache, init_variables
 
-__all__ = ["PRESETS", "DeepSeekV3", "ModelConfig", "ModelOutput", "YarnScaling", "count_params",
-           "flops_per_token", "generate", "init_cache", "init_variables", "kv_cache_bytes",
-           "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["PRESETS", "DeepSeekV3", "Generation", "ModelConfig", "ModelOutput", "YarnScaling",
+           "count_params", "flops_per_token", "generate", "init_cache", "init_variables",
+           "kv_cache_bytes", "load_hf_checkpoint", "save_hf_checkpoint"]

@@ -41,9 +41,21 @@ class LatentCache:
                    jnp.zeros((batch, length, config.qk_rope_head_dim), dtype))
 
     def write(self, c_kv: jax.Array, k_pe: jax.Array, index: jax.Array) -> LatentCache:
-        """Writes [B, T, ·] new entries at positions index .. index+T-1."""
-        at = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
-            buf, new.astype(buf.dtype), index, axis=1)
+        """Writes [B, T, ·] new entries at positions index .. index+T-1.
+
+        `index` is a scalar (every row at the same place: training, prefill) or [B] (one place
+        per row: batched decoding of sequences of different lengths). Like
+        `dynamic_update_slice`, a window running past the end is moved back to fit.
+        """
+        index = jnp.asarray(index)
+
+        def at(buf, new):
+            new = new.astype(buf.dtype)
+            if index.ndim == 0:
+                return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
+            return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0))(
+                buf, new, index)
+
         return LatentCache(at(self.c_kv, c_kv), at(self.k_pe, k_pe))
 
 
@@ -95,7 +107,7 @@ class MLA(nn.Module):
         Args:
           x: [B, T, D] inputs; positions: [B, T] their absolute positions.
           cache: None for training (attend within x). Otherwise this layer's LatentCache, into
-            which the new latents are written at `cache_index`.
+            which the new latents are written at `cache_index` (a scalar, or [B]: per row).
           absorb: with a cache, attend over the whole cache through the absorbed path
             (decode, speculative verification); without, attend within x only (prefill at 0).
         Returns:

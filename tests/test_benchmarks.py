@@ -21,6 +21,12 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
     "moe_vs_dense": (["--preset", "tiny", "--tokens", "512", "--capacity_factor", "1.25"], {
         "benchmark", "preset", "tokens", "experts", "top_k", "mode", "moe_ms", "dense_ms",
         "ratio", "backend"}),
+    "speculative": (["--preset", "tiny", "--max_new_tokens", "8", "--draft_tokens", "1",
+                     "--repeats", "1"], {
+        "benchmark", "model", "weights", "batch", "temperature", "prompt_tokens",
+        "max_new_tokens", "mtp_modules", "draft_tokens", "plain_tokens_per_s",
+        "speculative_tokens_per_s", "speedup", "acceptance_rate", "tokens_per_forward",
+        "identical", "backend"}),
 }
 
 
@@ -50,6 +56,12 @@ def test_benchmark_smoke(name):
                    record["full_per_head_cache_ms"]) > 0
         # tiny: C = 32 latent + R = 8 rope values vs 4 heads x (16 + 8 + 16), bf16
         assert record["cache_bytes_per_token_bf16"] == {"latent": 80, "per_head": 320}
+    elif name == "speculative":
+        assert (record["model"], record["batch"], record["max_new_tokens"]) == ("tiny", 1, 8)
+        assert record["weights"].startswith("random") and record["identical"] is True
+        assert 0 <= record["acceptance_rate"] <= 1 and 1 <= record["tokens_per_forward"] <= 2
+        assert record["speedup"] == pytest.approx(
+            record["speculative_tokens_per_s"] / record["plain_tokens_per_s"], rel=0.02)
     else:
         assert (record["tokens"], record["experts"], record["top_k"]) == (512, 16, 4)
         assert record["mode"] == "capacity 1.25"

@@ -4,7 +4,9 @@ XLA's own cost analysis counts a `while` body once, however many times it runs, 
 61-layer model reports a fraction of its FLOPs. Here every instruction is weighted by how often
 it runs per step: a loop body's trip count is read from its `known_trip_count` annotation, or
 else from the integer constant its condition compares against (the form `lax.scan` lowers to),
-and multiplies through nested loops, fusions and calls.
+and multiplies through nested loops, fusions and calls. A conditional contributes its costliest
+branch (by matmul FLOPs): per execution, the most a device can do there — in a pipeline tick,
+the heaviest op kind any rank runs.
 
 * Collectives: per-device result bytes of each all-to-all, all-gather, reduce-scatter,
   all-reduce and collective-permute (for async pairs the `-done` op's result; the `-start` is
@@ -91,6 +93,15 @@ def _trip_count(rest: str, comps: dict[str, list[str]]) -> int:
     return 1
 
 
+def _branches(rest: str) -> list[str]:
+    """The branch computations of a conditional (`branch_computations={%a, %b}` or
+    `true_computation=%a, false_computation=%b`)."""
+    listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
+    if listed:
+        return [b.strip().lstrip("%") for b in listed.group(1).split(",") if b.strip()]
+    return re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", rest)
+
+
 def walk(hlo: str) -> Iterator[tuple[Instruction, int]]:
     """Every instruction reachable from the entry computation, with its executions per step."""
     comps, headers, entry = _split_computations(hlo)
@@ -112,6 +123,11 @@ def walk(hlo: str) -> Iterator[tuple[Instruction, int]]:
                 body = re.search(r"body=%?([\w.\-]+)", inst.rest)
                 if body:
                     yield from visit(body.group(1), multiplier * _trip_count(inst.rest, comps))
+            elif inst.op == "conditional":
+                branches = [list(visit(b, multiplier)) for b in _branches(inst.rest)]
+                if branches:  # the costliest branch: the most one execution can do
+                    yield from max(branches, key=lambda insts: sum(
+                        t * _instruction_flops(i) for i, t in insts))
             else:
                 for callee in re.findall(
                         r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", inst.rest):
@@ -309,21 +325,24 @@ def _convolution_macs(attrs: str, lhs: list[int], rhs: list[int]) -> int:
     return macs
 
 
+def _instruction_flops(inst: Instruction) -> float:
+    """2 × output elements × contracted size of a dot or convolution; 0 for anything else."""
+    if inst.op not in ("dot", "convolution"):
+        return 0.0
+    out = _dims(inst.result)
+    operands = [_dims(t) for t in _operands(inst)]
+    if not out or len(operands) < 2 or not operands[0] or not operands[1]:
+        return 0.0
+    if inst.op == "dot":
+        lhs = operands[0][0]
+        m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.rest)
+        contracted = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m else 1
+    else:
+        contracted = _convolution_macs(inst.rest, operands[0][0], operands[1][0])
+    return 2.0 * math.prod(out[0]) * contracted
+
+
 def matmul_flops(hlo: str) -> float:
-    """FLOPs per step per device of every dot and convolution (loop trip counts applied)."""
-    total = 0.0
-    for inst, times in walk(hlo):
-        if inst.op not in ("dot", "convolution"):
-            continue
-        out = _dims(inst.result)
-        operands = [_dims(t) for t in _operands(inst)]
-        if not out or len(operands) < 2 or not operands[0] or not operands[1]:
-            continue
-        if inst.op == "dot":
-            lhs = operands[0][0]
-            m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.rest)
-            contracted = math.prod(lhs[int(i)] for i in m.group(1).split(",") if i) if m else 1
-        else:
-            contracted = _convolution_macs(inst.rest, operands[0][0], operands[1][0])
-        total += times * 2.0 * math.prod(out[0]) * contracted
-    return total
+    """FLOPs per step per device of every dot and convolution (loop trip counts applied; a
+    conditional counts its costliest branch)."""
+    return sum(times * _instruction_flops(inst) for inst, times in walk(hlo))

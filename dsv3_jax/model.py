@@ -181,7 +181,9 @@ def embed_lookup(table: jax.Array, ids: jax.Array, config: ModelConfig) -> jax.A
 def mtp_inputs(table: jax.Array, tokens: jax.Array, config: ModelConfig) -> tuple:
     """What MTP depth k embeds at position i: token t_{i+k+1} (token 0 past the input), for
     k < num_nextn_predict_layers; [B, T, D] each."""
-    return tuple(embed_lookup(table, jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1))), config)
+    T = tokens.shape[1]
+    return tuple(embed_lookup(table, jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))[:, :T],
+                              config)
                  for k in range(config.num_nextn_predict_layers))
 
 

@@ -174,3 +174,18 @@ def test_generate_rejects_bad_arguments(tiny, kwargs, match):
         generate(c, v, jnp.zeros((1, 3), jnp.int32), **kwargs)
     with pytest.raises(ValueError, match="prompt token ids"):
         generate(c, v, jnp.full((1, 3), c.vocab_size), 2)
+
+
+def test_mtp_inputs_shorter_than_the_mtp_depth():
+    """Two MTP modules over a 1-token input: every depth sees a [B, T] window (token 0 past the
+    input), so init and apply work at any length."""
+    from dsv3_jax.model import mtp_inputs
+    config = ModelConfig.preset("tiny", num_nextn_predict_layers=2)
+    table = jnp.arange(config.vocab_size * config.hidden_size, dtype=jnp.float32).reshape(
+        config.vocab_size, config.hidden_size)
+    tokens = jnp.array([[5]])
+    shifted = mtp_inputs(table, tokens, config)
+    assert [e.shape for e in shifted] == [(1, 1, config.hidden_size)] * 2
+    np.testing.assert_array_equal(shifted[0][0, 0], table[0])  # past the input: token 0
+    out = DeepSeekV3(config).apply(DeepSeekV3(config).init(jax.random.key(0), tokens), tokens)
+    assert len(out.mtp_logits) == 2 and out.mtp_logits[1].shape == (1, 1, config.vocab_size)

@@ -14,6 +14,8 @@ hidden, P token blocks, b block size, C per-expert capacity):
   * dropless (default): assignments sorted by expert, each expert's run padded to a multiple of
     `expert_block_size`, then one batched matmul over blocks with each block's expert weight
     gathered — cost ∝ N·K + E·b, nothing dropped, no `ragged_dot` (slow on XLA:CPU).
+  * per token (`gathers_experts`: a few tokens, e.g. a decode step): each assignment's
+    expert weights gathered, cost ∝ N·K expert matrices, no padding.
   * capacity (`capacity_factor` set): C = ceil(cf·N·K/E) slots per expert, 'ECD,EDF->ECF';
     assignments beyond C are dropped. Equal to dropless when nothing overflows.
 Both use one slot plan (`plan_slots`), which expert parallelism reuses to build its buffers.
@@ -189,6 +191,28 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
     return project("PbF,PFD->PbD", jax.nn.silu(g) * u, down, config)
 
 
+def per_token_swiglu(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, ...],
+                     config: ModelConfig) -> jax.Array:
+    """[N, D] tokens through their own K experts [N, K]: each assignment's kernels gathered,
+    [N, K, D] out. Costs N·K expert matrices instead of the dropless buffer's N·K + E·b rows:
+    the path for a few tokens (decode steps), without a precision recipe."""
+    gate, up, down = (Weight(w.kernel[experts]) for w in weights)
+    g = project("ND,NKDF->NKF", tokens, gate, config)
+    u = project("ND,NKDF->NKF", tokens, up, config)
+    return project("NKF,NKFD->NKD", jax.nn.silu(g) * u, down, config)
+
+
+def gathers_experts(tokens: int, config: ModelConfig) -> bool:
+    """Whether the routed experts of `tokens` tokens run `per_token_swiglu` (decided at trace
+    time from the shapes): dropless, no FP8 recipe, and N·K·8 ≤ E·b — few enough assignments
+    that reading one expert's weights per assignment beats filling E padded blocks (the factor
+    8 weighs a gathered weight matrix against a matmul row on a CPU; a decode step is ~1
+    assignment per expert block)."""
+    c = config
+    return (c.capacity_factor is None and c.fp8 == "none"
+            and tokens * c.num_experts_per_tok * 8 <= c.n_routed_experts * c.expert_block_size)
+
+
 def batched_swiglu(x_ecd: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig) -> jax.Array:
     """[E, C, D] per-expert slots through the E experts of `weights` (as `grouped_swiglu`)."""
@@ -279,6 +303,11 @@ class MoE(nn.Module):
         N = B * T
         if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
             y = _expert_parallel_strategy(shards)(tokens, routing, experts.weights(), c)
+            counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
+        elif gathers_experts(N, c):
+            y_assign = per_token_swiglu(tokens, routing.experts, experts.weights(), c)
+            y = jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
+            y = y.astype(x.dtype)
             counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
         else:
             if c.capacity_factor is None:

@@ -153,3 +153,27 @@ def test_sequence_balance_loss_matches_formula():
         expected += (f * p).sum() / 2
     got = sequence_balance_loss(jnp.asarray(scores), jnp.asarray(experts), c, 2)
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+def test_a_few_tokens_gather_their_experts_and_match_the_loop_and_blocks():
+    """Decode-sized inputs (N·K·8 ≤ E·b) take the per-token path: outputs equal the per-expert
+    loop, gradients equal the dropless blocks path (block 1, which never gathers)."""
+    from dsv3_jax.moe import gathers_experts
+    c = ModelConfig.preset("tiny")  # E 16 × b 16 = 256 ≥ 8 × 4 tokens × K 4
+    blocks = ModelConfig.preset("tiny", expert_block_size=1)
+    assert gathers_experts(4, c) and not gathers_experts(4, blocks)
+    assert not gathers_experts(48, c)  # the other tests' 2 × 24 tokens use blocks
+    params, x, bias = _moe_setup(c, B=2, T=2)
+    y, counts, _ = jax.jit(lambda p, x, b: MoE(c).apply({"params": p}, x, b))(params, x, bias)
+    ref, ref_counts = _reference_moe(params, x, bias, c)
+    np.testing.assert_array_equal(np.asarray(counts), ref_counts)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    probe = jax.random.normal(jax.random.key(9), x.shape)
+
+    def grads(config):
+        loss = lambda p, x: (MoE(config).apply({"params": p}, x, bias)[0] * probe).sum()
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    for a, b in zip(jax.tree.leaves(grads(c)), jax.tree.leaves(grads(blocks)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))

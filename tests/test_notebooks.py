@@ -50,7 +50,7 @@ def _number(pattern: str, text: str) -> float:
 
 def test_all_notebooks_are_tested():
     assert {p.name for p in NOTEBOOKS} >= {"eval.ipynb", "kv_cache.ipynb",
-                                           "load_balance.ipynb"}
+                                           "load_balance.ipynb", "speculative.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -88,3 +88,16 @@ def test_load_balance_notebook(tmp_path):
               for name in ("aux-loss-free", "aux loss", "neither")]
     assert all(math.isfinite(x) and 0.5 < x < math.log(384) + 0.5 for x in losses), losses
     assert "wins on loss at equal or better balance:" in text
+
+
+@pytest.mark.slow
+def test_speculative_notebook(tmp_path):
+    # Trains the tiny config (with its MTP module) 200 steps through train.py, then decodes at
+    # batch 1; the notebook itself asserts every speculative output equals plain greedy's.
+    text = _execute("speculative.ipynb", tmp_path)
+    speedup = _number(r"^speculative speedup: ([0-9.]+)x", text)
+    acceptance = _number(r"^speculative speedup: [0-9.]+x, acceptance ([0-9.]+)", text)
+    # A ratio of wall times (below 1 at the tiny scale on a CPU): not asserted > 1.
+    assert math.isfinite(speedup) and speedup > 0, speedup
+    assert math.isfinite(acceptance) and 0 < acceptance <= 1, acceptance
+    assert "speculative outputs equal plain greedy's" in text

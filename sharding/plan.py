@@ -11,8 +11,8 @@ threshold that the layout leaves replicated on every device. Nothing is allocate
 from `jax.eval_shape` of the model's and the optimizer's init, shardings from the layout.
 
 With mesh.pipe > 1 the figures are what `sharding.pipeline` holds: the parameters, gradients
-and optimizer state keep their layout (split by the other axes, not by pipe: the pipeline
-gathers each rank's stages from them every step), and each rank adds its stages' copies
+and optimizer state split over pipe too (the layouts' ZeRO-3-style pipe rule: each step gathers
+a rank's stages from them), and each rank adds its stages' gathered copies
 (`stage_params`: chunks × the most layers a stage has, padded slots included — DualPipe's second
 copy of every stage, DualPipeV's two V stages) and their gradient accumulators (`stage_grads`).
 """
@@ -104,7 +104,8 @@ def abstract_train_state(config: ModelConfig) -> Any:
 def stage_copy_bytes(config: ModelConfig, params: Any, specs: Any, mesh_shape, schedule_name: str,
                      microbatches: int, layers_per_stage=None) -> int:
     """Bytes one pipeline rank holds of its stages' stacked copies: for each scanned stack,
-    chunks × slots layers of it (each layer's shard under the stack's spec)."""
+    chunks × slots layers of it (each layer's shard under the stack's spec, gathered over pipe:
+    the state is split over pipe, a rank's stage copies are not)."""
     sched = pipeline.schedule(schedule_name, mesh_shape["pipe"], microbatches)
     stage_plan = stages.plan_stages(config, sched.num_stages, layers_per_stage)
     slots = {"dense_layers": stage_plan.dense_slots, "moe_layers": stage_plan.moe_slots}
@@ -114,7 +115,7 @@ def stage_copy_bytes(config: ModelConfig, params: Any, specs: Any, mesh_shape, s
             continue
         length = config.num_dense_layers if stack == "dense_layers" else config.num_moe_layers
         total += sched.chunks * n * per_device_bytes(params[stack], specs[stack],
-                                                     mesh_shape) // length
+                                                     {**mesh_shape, "pipe": 1}) // length
     return total
 
 

@@ -14,7 +14,8 @@ after the first are dropped from the end while they do not divide the size); a d
 first axis does not divide is an error naming the array (`spec_for`). So one
 layout serves every mesh: axes of size 1 vanish from the specs.
 
-Presets (all: batch over data × fsdp × expert, heads/mlp/vocab over tensor, experts over expert):
+Presets (all: batch over data × fsdp × expert, heads/mlp/vocab over tensor, experts over expert,
+and the state split over pipe along embed / q_lora / kv_lora when pipelining):
   dp      parameters and optimizer state replicated over the data-like axes
   fsdp    (default) parameters, gradients and optimizer state split over fsdp (and, for
           non-expert weights, expert) along embed, else q_lora, else kv_lora (ZeRO-3)
@@ -46,9 +47,14 @@ _TENSOR: Rules = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 # ZeRO-3: every weight split over fsdp along its first of embed / q_lora / kv_lora, and over the
 # expert axis too for non-expert weights (EP ranks are data-parallel ranks for attention and dense
 # layers, as in V3), where the size divides.
-_ZERO3: Rules = (("embed", ("fsdp", "expert")), ("q_lora", ("fsdp", "expert")),
-                 ("kv_lora", ("fsdp", "expert")))
-_ZERO1: Rules = (("embed", BATCH_AXES), ("q_lora", BATCH_AXES), ("kv_lora", BATCH_AXES))
+# With pipelining (mesh.pipe > 1) the state is also split over the pipe ranks, ZeRO-3 style:
+# each step gathers a rank's stages from it (sharding/pipeline/stages.py), so no rank keeps a
+# full copy of the other stages' parameters or moments. pipe = 1 drops out of every spec.
+_ZERO3: Rules = (("embed", ("fsdp", "expert", "pipe")), ("q_lora", ("fsdp", "expert", "pipe")),
+                 ("kv_lora", ("fsdp", "expert", "pipe")))
+_ZERO1: Rules = (("embed", BATCH_AXES + ("pipe",)), ("q_lora", BATCH_AXES + ("pipe",)),
+                 ("kv_lora", BATCH_AXES + ("pipe",)))
+_PIPE: Rules = (("embed", "pipe"), ("q_lora", "pipe"), ("kv_lora", "pipe"))
 ACTIVATIONS: Rules = (("batch", BATCH_AXES),) + _TENSOR + _EXPERTS
 
 
@@ -63,9 +69,9 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "dp": Layout("dp", _EXPERTS + _TENSOR, _EXPERTS + _TENSOR),
+    "dp": Layout("dp", _EXPERTS + _TENSOR + _PIPE, _EXPERTS + _TENSOR + _PIPE),
     "fsdp": Layout("fsdp", _EXPERTS + _TENSOR + _ZERO3, _EXPERTS + _TENSOR + _ZERO3),
-    "zero1": Layout("zero1", _EXPERTS + _TENSOR, _EXPERTS + _TENSOR + _ZERO1),
+    "zero1": Layout("zero1", _EXPERTS + _TENSOR + _PIPE, _EXPERTS + _TENSOR + _ZERO1),
 }
 DEFAULT_LAYOUT = "fsdp"
 

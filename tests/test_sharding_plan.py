@@ -102,14 +102,18 @@ def test_tiny_plan_by_hand(layout):
 
 
 def test_v3_layout_per_device_bytes():
-    """EP64 x PP16 x DP2 (ZeRO-1): parameters replicate over data, AdamW state splits over the
-    128 data-like ranks; the pipeline keeps that layout and adds each rank's stage copies.
+    """EP64 x PP16 x DP2 (ZeRO-1): parameters replicate over data and split over the 16 pipe
+    ranks, AdamW state splits over data x expert (x pipe where the size allows); each rank adds
+    its stage copies, gathered over pipe.
 
     By hand, from the dimensions (`counted_by_hand`): 665.2B routed-expert parameters split
-    over expert (64) and 17.4B others replicated, fp32: 4 B x (665.2B / 64 + 17.4B) = 103.7 GiB
-    of parameters, as many of gradients; the two fp32 moments of every parameter split over
-    data x expert = 128 devices: 8 B x 682.6B / 128 = 39.7 GiB. Stage copies (1F1B, 16 stages:
-    3 dense slots and 4 MoE slots per rank): 3/3 of the dense stack and 4/58 of the MoE stack.
+    over expert (64) and 17.4B others, all split over pipe along embed / q_lora / kv_lora, fp32:
+    4 B x (665.2B / 64 + 17.4B) / 16 = 6.48 GiB of parameters, as many of gradients. The two
+    fp32 moments: routed ones over expert x data x pipe = 2048, the others over data x expert =
+    128 where embed (7168 = 2^10 x 7) cannot take pipe as well: 8 B x (665.2B / 2048 + 17.4B /
+    128) ≈ 3.4 GiB (within 2%: a few smaller tensors split further). Stage copies (1F1B, 16
+    stages: 3 dense slots and 4 MoE slots per rank): 3/3 of the dense stack and 4/58 of the MoE
+    stack, not split over pipe.
     """
     config = ModelConfig.preset("deepseek-v3-671b")
     routed, other = counted_by_hand(config)
@@ -117,22 +121,26 @@ def test_v3_layout_per_device_bytes():
     per = report["per_device_bytes"]
     assert report["total_params"] == routed + other == 682_636_472_320  # 670.9B + MTP 11.7B
     assert routed == 59 * 256 * 3 * 7168 * 2048
-    params = 4 * (routed / 64 + other)
+    params = 4 * (routed / 64 + other) / 16
     assert per["params"] == params and per["grads"] == params, (per, params)
-    assert per["opt_state"] == pytest.approx(8 * (routed + other) / 128, abs=16)  # + counters
-    assert per["params"] / 2**30 == pytest.approx(103.738, abs=5e-4)
+    assert per["opt_state"] == pytest.approx(8 * (routed / 2048 + other / 128), rel=0.02)
+    assert per["params"] / 2**30 == pytest.approx(6.484, abs=5e-4)
     shape = mesh_lib.mesh_shape(V3_MESH, 2048)
     abstract = plan.abstract_train_state(config)
     tree, specs = nn.unbox(abstract)["params"], placement.tree_specs(abstract, shape,
                                                                      "zero1")["params"]
-    stack = {k: plan.per_device_bytes(tree[k], specs[k], shape)
+    gathered = {**shape, "pipe": 1}  # a rank's stage copies are whole over pipe
+    stack = {k: plan.per_device_bytes(tree[k], specs[k], gathered)
              for k in ("dense_layers", "moe_layers")}
     assert per["stage_params"] == stack["dense_layers"] + 4 * stack["moe_layers"] // 58
     assert per["stage_grads"] == per["stage_params"]
     dual = plan.make_plan(config, V3_MESH, 2048, "zero1", schedule="dualpipe")
     assert dual["per_device_bytes"]["stage_params"] == 2 * per["stage_params"]  # two copies
-    assert report["replicated_above_threshold"]  # by design: ZeRO-1 replicates parameters
-    assert all(not r["path"].startswith("opt_state") for r in report["replicated_above_threshold"])
+    # ZeRO-1 replicates parameters over data, but pipe splits every one of them
+    assert report["replicated_above_threshold"] == []
+    flat = plan.make_plan(config, dict(expert=64, data=-1), 2048, "zero1")
+    assert flat["replicated_above_threshold"]  # without pipe: replicated by design
+    assert all(not r["path"].startswith("opt_state") for r in flat["replicated_above_threshold"])
 
 
 def test_fsdp_layout_leaves_nothing_large_replicated():
@@ -156,9 +164,11 @@ def test_plan_rejects_meshes_that_do_not_divide_the_model():
 
 # Not divided by pipe (the pipeline keeps the unpipelined state layout), plus one 1F1B stage's
 # copies: 4 MoE layer slots (58 MoE layers + 3 dense + MTP on 16 stages: 3, 4 x 14, 2 + MTP).
-V3_TOTALS = ["params        103.738 GiB", "grads         103.738 GiB",
-             "opt_state      39.735 GiB", "stage_params     12.618 GiB",
-             "stage_grads     12.618 GiB", "total         272.446 GiB"]
+# The state split over the 16 pipe ranks too; one 1F1B stage's gathered copies: 3 dense and 4
+# MoE layer slots (58 MoE layers + 3 dense + MTP on 16 stages: 3, 4 x 14, 2 + MTP).
+V3_TOTALS = ["params          6.484 GiB", "grads           6.484 GiB",
+             "opt_state       3.386 GiB", "stage_params     12.618 GiB",
+             "stage_grads     12.618 GiB", "total          41.589 GiB"]
 
 
 @pytest.mark.parametrize("args", [

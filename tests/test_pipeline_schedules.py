@@ -228,15 +228,16 @@ def _halves(entry):
 
 
 def _needs(s, rank, chunk, kind, mb):
-    """The dependency rules, restated from the brief: F needs the previous stage's F; B/BW the
-    next stage's B/BW and its own F; W its own B."""
-    if kind == "F":
-        prev = s.prev_hop(rank, chunk)
-        return [(*prev, "F", mb)] if prev else []
+    """The dependency rules, restated from the brief in stage numbers (not the hops the code
+    uses): F of stage k needs F of stage k−1 of the same copy; B/BW its own F and B/BW of
+    stage k+1; W its own B."""
     if kind == "W":
         return [(rank, chunk, "B", mb)]
-    nxt = s.next_hop(rank, chunk)
-    return [(rank, chunk, "F", mb)] + ([(*nxt, "B", mb)] if nxt else [])
+    stage, copy = s.stage_of(rank, chunk), s.copy_of(chunk)
+    if kind == "F":
+        return [(*s.holder(copy, stage - 1), "F", mb)] if stage > 0 else []
+    later = [(*s.holder(copy, stage + 1), "B", mb)] if stage < s.num_stages - 1 else []
+    return [(rank, chunk, "F", mb)] + later
 
 
 def _check_lockstep(s):

@@ -301,28 +301,26 @@ class MoE(nn.Module):
 
         experts = RoutedExperts(c, name="experts")
         N = B * T
+        counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
         if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
             y = _expert_parallel_strategy(shards)(tokens, routing, experts.weights(), c)
-            counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
-        elif gathers_experts(N, c):
-            y_assign = per_token_swiglu(tokens, routing.experts, experts.weights(), c)
+        else:
+            if gathers_experts(N, c):
+                y_assign = per_token_swiglu(tokens, routing.experts, experts.weights(), c)
+            else:
+                if c.capacity_factor is None:
+                    b = c.expert_block_size
+                    plan = plan_slots(routing.experts, E, block=b)
+                    x_slots = gather_rows(tokens, plan.token)
+                    y_slots = experts.grouped(x_slots.reshape(-1, b, D), plan.block_expert)
+                else:
+                    capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
+                    plan = plan_slots(routing.experts, E, capacity=capacity)
+                    x_slots = gather_rows(tokens, plan.token)
+                    y_slots = experts.batched(x_slots.reshape(E, capacity, D))
+                y_assign = gather_rows(y_slots.reshape(-1, D), plan.slot)  # [N, K, D]
             y = jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
             y = y.astype(x.dtype)
-            counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
-        else:
-            if c.capacity_factor is None:
-                b = c.expert_block_size
-                plan = plan_slots(routing.experts, E, block=b)
-                x_slots = gather_rows(tokens, plan.token)
-                y_slots = experts.grouped(x_slots.reshape(-1, b, D), plan.block_expert)
-            else:
-                capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
-                plan = plan_slots(routing.experts, E, capacity=capacity)
-                x_slots = gather_rows(tokens, plan.token)
-                y_slots = experts.batched(x_slots.reshape(E, capacity, D))
-            y_assign = gather_rows(y_slots.reshape(-1, D), plan.slot)  # [N, K, D]
-            y = jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
-            y, counts = y.astype(x.dtype), plan.counts
         y = y.reshape(B, T, D)
         if c.n_shared_experts:
             y = y + SwiGLU(c.n_shared_experts * c.moe_intermediate_size, c,

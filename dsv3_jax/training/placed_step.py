@@ -8,7 +8,6 @@ parameters' logical axes, batch sharding, a donated, jitted step. Call or lower 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +19,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.training import run_config
 from dsv3_jax.training import state as train_state
 from dsv3_jax.training import step as train_step
-from sharding.mesh import BATCH_AXES, batch_sharding, replicated
+from sharding.mesh import batch_sharding, batch_shards, replicated
 from sharding.pipeline import executor
 from sharding.placement import state_shardings, with_shardings
 
@@ -53,8 +52,8 @@ def pipelined_value_and_grad(model: ModelConfig, config: ml_collections.ConfigDi
                              mesh: Mesh) -> Callable:
     """The step's loss and gradients through `config.pipeline`'s schedule over mesh.pipe
     (`sharding.pipeline.executor`), in the signature of `step.make_value_and_grad`."""
-    batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    schedule, plan = run_config.pipeline_plan(config, mesh.shape["pipe"], model, batch_shards)
+    schedule, plan = run_config.pipeline_plan(config, mesh.shape["pipe"], model,
+                                              batch_shards(mesh))
     fn = executor.value_and_grad(model, schedule, plan, train_step.make_objective(config),
                                  config.balance_loss_alpha, mesh)
 

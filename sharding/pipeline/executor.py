@@ -42,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sharding.pipeline.schedules import Schedule
+from sharding.pipeline.schedules import Schedule, parts
 from sharding.pipeline.stages import (
+    STACKS,
     StagePlan,
     head_params,
     slot_indices,
@@ -61,15 +62,13 @@ SOURCES = ("left", "right", "self")  # where a message comes from, seen by its r
 
 def _entries(op):
     """(forward (mb, chunk) or None, backward (kind, mb, chunk) or None) of a lockstep entry."""
-    if op is None:
-        return None, None
-    kind = op[0]
-    if kind == "FB":
-        (mf, mb), (cf, cb) = op[1], op[2]
-        return (mf, cf), (B_AND_W, mb, cb)
-    if kind == "F":
-        return (op[1], op[2]), None
-    return None, (_BACKWARD[kind], op[1], op[2])
+    forward = backward = None
+    for kind, mb, chunk in parts(op) if op is not None else ():
+        if kind == "F":
+            forward = (mb, chunk)
+        else:
+            backward = (_BACKWARD[kind], mb, chunk)
+    return forward, backward
 
 
 def _assign_slots(intervals: dict) -> tuple[dict, int]:
@@ -92,8 +91,6 @@ class Tables:
     def __init__(self, schedule: Schedule):
         ticks = lockstep(schedule)
         R, C = schedule.pp, schedule.chunks
-        S = schedule.num_stages
-        self.ticks, self.ranks, self.chunks = len(ticks), R, C
         self.stage_of = np.array([[schedule.stage_of(r, c) for c in range(C)] for r in range(R)])
         fwd = {}  # (r, c, mb) -> tick of F
         bwd = {}  # (r, c, mb) -> tick of B or BW (the op that sends dx)
@@ -107,7 +104,7 @@ class Tables:
                     kind, mb, c = b
                     if kind != W_ONLY:
                         bwd[(r, c, mb)] = t
-                    last_use[(r, c, mb)] = max(last_use.get((r, c, mb), t), t)
+                    last_use[(r, c, mb)] = t  # ticks only grow: the last backward op
         # Inputs land when the previous stage's F ends; cotangents when the next stage's B ends.
         x_life, g_life = {}, {}
         for r, c, mb in fwd:
@@ -142,7 +139,6 @@ class Tables:
                     self.b_gslot[t, r] = g_slot.get((r, c, mb), 0)
                     if kind != W_ONLY:
                         self._route(t, r, schedule.prev_hop(r, c), 1, mb, g_slot)
-        self.stages = S
 
     @staticmethod
     def _per_rank_chunk(life: dict) -> tuple[dict, int]:
@@ -214,7 +210,7 @@ def run_schedule(schedule: Schedule, plan: StagePlan, stage_fn, *, params: dict,
     tables = Tables(schedule)
     R, C, M = schedule.pp, schedule.chunks, schedule.microbatches
     idx = slot_indices(plan, tables.stage_of)
-    stacks = {k: params[k] for k in ("dense_layers", "moe_layers") if k in params}
+    stacks = {k: params[k] for k in STACKS if k in params}
     staged = {k: stage_stacks(v, idx[k][0]) for k, v in stacks.items()}
     valid = {k: jnp.asarray(idx[k][1]) for k in stacks}
     moe_index = idx["moe_layers"][0]
@@ -264,6 +260,12 @@ def run_schedule(schedule: Schedule, plan: StagePlan, stage_fn, *, params: dict,
         def split(w):
             return {k: w[k] for k in staged}, {k: w[k] for k in global_w}
 
+        def send(out, used_by_source):
+            """What receivers get from their left / right neighbour / themselves: only the
+            directions the schedule ever uses."""
+            moved = (lambda: _shift(out, R, True), lambda: _shift(out, R, False), lambda: out)
+            return {source: moved[source]() for source in range(3) if used_by_source[source]}
+
         def tick(carry, row):
             row = jax.tree.map(lambda a: a[0], row)  # this rank's entry
             # ---- forward ----
@@ -275,20 +277,17 @@ def run_schedule(schedule: Schedule, plan: StagePlan, stage_fn, *, params: dict,
                 carry = dict(carry)
                 carry["metrics"] = _tree_add(carry["metrics"], {"loss": loss, **metrics})
                 all_counts = carry["counts"]
-                if counts is not None and counts.shape[0]:
+                if counts.shape[0]:
                     all_counts = all_counts.at[count_rows[c]].add(counts, mode="drop")
-                if mtp_counts.shape[0]:
-                    all_counts = all_counts.at[num_moe_layers:].add(
-                        jnp.where(where_of(c)["last"], mtp_counts, 0))
+                if mtp_counts.shape[0]:  # zeros off the last stage
+                    all_counts = all_counts.at[num_moe_layers:].add(mtp_counts)
                 carry["counts"] = all_counts
                 return carry, y.astype(dtype)
 
             carry, f_out = jax.lax.cond(
                 row["f_on"] > 0, forward,
                 lambda carry: (carry, jnp.zeros((b, T1 - 1, D), dtype)), carry)
-            f_msgs = {0: _shift(f_out, R, True) if used[0, 0] else None,
-                      1: _shift(f_out, R, False) if used[0, 1] else None,
-                      2: f_out if used[0, 2] else None}
+            f_msgs = send(f_out, used[0])
 
             # ---- backward ----
             def backward(kind, carry):
@@ -299,7 +298,6 @@ def run_schedule(schedule: Schedule, plan: StagePlan, stage_fn, *, params: dict,
                 toks = tokens[row["b_mb"]]
                 cot = (dy, jnp.float32(1.0 / M))
                 carry = dict(carry)
-                dx = jnp.zeros_like(x_in)
                 if kind == B_ONLY:
                     _, vjp = jax.vjp(lambda x: stage_fn(weights_of(c), x, toks, where)[0],
                                      x_in)
@@ -308,6 +306,7 @@ def run_schedule(schedule: Schedule, plan: StagePlan, stage_fn, *, params: dict,
                     _, vjp = jax.vjp(lambda w: stage_fn(w, x_in, toks, where)[0],
                                      weights_of(c))
                     (dw,) = vjp(cot)
+                    dx = jnp.zeros_like(x_in)  # W sends nothing
                 else:
                     _, vjp = jax.vjp(lambda w, x: stage_fn(w, x, toks, where)[0],
                                      weights_of(c), x_in)
@@ -323,16 +322,12 @@ def run_schedule(schedule: Schedule, plan: StagePlan, stage_fn, *, params: dict,
                 [lambda carry: (carry, jnp.zeros((b, T1 - 1, D), dtype))] +
                 [lambda carry, k=k: backward(k, carry) for k in (B_ONLY, W_ONLY, B_AND_W)],
                 carry)
-            b_msgs = {0: _shift(b_out, R, True) if used[1, 0] else None,
-                      1: _shift(b_out, R, False) if used[1, 1] else None,
-                      2: b_out if used[1, 2] else None}
+            b_msgs = send(b_out, used[1])
 
             # ---- deliveries (a message sent to the right arrives from the left) ----
             carry = dict(carry)
             for message, msgs, box in ((0, f_msgs, "inbox"), (1, b_msgs, "gradbox")):
-                for source, sent in ((0, msgs[0]), (1, msgs[1]), (2, msgs[2])):
-                    if sent is None:
-                        continue
+                for source, sent in msgs.items():
                     on = row["recv_on"][message, source] > 0
                     ch = row["recv_chunk"][message, source]
                     sl = row["recv_slot"][message, source]

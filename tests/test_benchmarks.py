@@ -18,6 +18,9 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
         "benchmark", "preset", "context", "batch", "absorbed_ms", "full_latent_ms",
         "full_per_head_cache_ms", "full_latent_over_absorbed", "per_head_over_absorbed",
         "cache_bytes_per_token_bf16", "backend"}),
+    "moe_decode": (["--preset", "tiny", "--context", "32"], {
+        "benchmark", "preset", "context", "batch", "model_picks", "gathered_ms", "blocks_ms",
+        "blocks_over_gathered", "backend"}),
     "moe_vs_dense": (["--preset", "tiny", "--tokens", "512", "--capacity_factor", "1.25"], {
         "benchmark", "preset", "tokens", "experts", "top_k", "mode", "moe_ms", "dense_ms",
         "ratio", "backend"}),
@@ -56,6 +59,9 @@ def test_benchmark_smoke(name):
                    record["full_per_head_cache_ms"]) > 0
         # tiny: C = 32 latent + R = 8 rope values vs 4 heads x (16 + 8 + 16), bf16
         assert record["cache_bytes_per_token_bf16"] == {"latent": 80, "per_head": 320}
+    elif name == "moe_decode":  # tiny: 1 token x K 4 x 8 <= E 16 x b 16
+        assert record["model_picks"] == "gathered"
+        assert min(record["gathered_ms"], record["blocks_ms"]) > 0
     elif name == "speculative":
         assert (record["model"], record["batch"], record["max_new_tokens"]) == ("tiny", 1, 8)
         assert record["weights"].startswith("random") and record["identical"] is True

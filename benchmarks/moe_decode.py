@@ -1,0 +1,63 @@
+"""One full-model decode step after a prompt: routed experts gathered per token vs filling E
+padded expert blocks, in one run.
+
+    python -m benchmarks.moe_decode [--preset bench] [--context 1024] [--batch 1]
+
+`--preset bench` is issue 10's benchmark config (vocab 512, hidden 256, 6 layers, 16 experts
+top-4, block 64); any ModelConfig preset works. The cache is filled by one prefill of `context`
+tokens; the timed call feeds one token per row through the absorbed-cache path. `gathered` is
+what the model picks for a decode step (`moe.gathers_experts`), `blocks` forces the dropless
+block buffer of (ceil(N·K/b) + E)·b rows.
+"""
+
+import argparse
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import report, seconds_per_call
+from dsv3_jax import DeepSeekV3, ModelConfig, moe
+from dsv3_jax.model import init_cache
+
+BENCH = dict(vocab_size=512, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+             num_hidden_layers=6, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
+             qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=16,
+             num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
+             max_position_embeddings=4096, rope_scaling=None, expert_block_size=64)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    c = (ModelConfig.preset("tiny", **BENCH) if args.preset == "bench"
+         else ModelConfig.preset(args.preset))
+    net = DeepSeekV3(c)
+    variables = jax.device_put(nn.unbox(net.init(jax.random.key(0),
+                                                 jnp.zeros((1, 8), jnp.int32))))
+    prompt = jax.random.randint(jax.random.key(1), (args.batch, args.context), 0, c.vocab_size)
+    cache = jax.jit(lambda v, p: net.apply(v, p, cache=init_cache(c, args.batch, args.context + 1),
+                                           cache_index=0, mtp=False).cache)(variables, prompt)
+    token = prompt[:, -1:]
+    chosen = moe.gathers_experts(args.batch, c)
+    times = {}
+    for path, gathers in (("gathered", moe.gathers_experts), ("blocks", lambda n, config: False)):
+        original, moe.gathers_experts = moe.gathers_experts, gathers
+        try:  # a fresh function per path, so each is traced with its own choice
+            step = jax.jit(lambda v, t, cache: net.apply(
+                v, t, cache=cache, cache_index=args.context, absorb=True, mtp=False).logits)
+            times[path] = seconds_per_call(step, variables, token, cache) * 1e3
+        finally:
+            moe.gathers_experts = original
+    report(benchmark="moe_decode_step", preset=args.preset, context=args.context,
+           batch=args.batch, model_picks="gathered" if chosen else "blocks",
+           gathered_ms=round(times["gathered"], 3), blocks_ms=round(times["blocks"], 3),
+           blocks_over_gathered=round(times["blocks"] / times["gathered"], 2),
+           backend=jax.default_backend())
+
+
+if __name__ == "__main__":
+    main()

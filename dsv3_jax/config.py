@@ -19,9 +19,11 @@ _DTYPES = ("float32", "bfloat16", "float16")  # canonical names (= numpy/torch d
 # storage dtype, which is not our compute dtype).
 _NON_HF_FIELDS = frozenset({"dtype", "param_dtype", "remat_policy", "fp8",
                             "fp8_amax_history_length", "fp8_margin", "capacity_factor",
-                            "expert_block_size", "expert_shard_limit"})
+                            "expert_block_size", "expert_shard_limit", "moe_impl",
+                            "ep_buffer_factor"})
 _REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 FP8_RECIPES = ("none", "delayed", "blockwise")  # dsv3_jax/fp8.py implements them
+MOE_IMPLS = ("auto", "blocks", "ragged", "capacity")  # dsv3_jax/moe.py documents them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,17 @@ class ModelConfig:
     # of the mesh's `expert` axis) one token may use; applies only when the experts are split
     # over more than M shards, so routing then depends on the expert-parallel degree.
     expert_shard_limit: int | None = None
+    # Routed-expert compute (dsv3_jax/moe.py): "blocks" (dropless, sorted tokens in padded blocks,
+    # one batched matmul with gathered weights: fast on XLA:CPU), "ragged" (dropless, sorted
+    # tokens through jax.lax.ragged_dot grouped GEMMs; under expert parallelism the tokens move
+    # with ragged_all_to_all), "capacity" (capacity_factor slots per expert, may drop), or
+    # "auto": "capacity" when capacity_factor is set, else "ragged" on TPU/GPU and "blocks" on
+    # CPU (logged once per choice). "ragged" has no FP8 recipe (auto then picks "blocks").
+    moe_impl: str = "auto"
+    # Ragged expert parallelism: each device's receive buffer holds ep_buffer_factor x the
+    # expected load (its own n·K assignments); a step that routes more to one device than that
+    # runs extra exchange rounds for the excess (counted and logged), never drops.
+    ep_buffer_factor: float = 2.0
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -273,6 +286,20 @@ def _validate(c: ModelConfig) -> None:
     _require(c.capacity_factor is None or (c.capacity_factor > 0 and math.isfinite(
         c.capacity_factor)), "capacity_factor", "must be None (dropless) or > 0",
              c.capacity_factor)
+    _require(c.moe_impl in MOE_IMPLS, "moe_impl", f"allowed: {MOE_IMPLS}", c.moe_impl)
+    _require(c.moe_impl != "capacity" or c.capacity_factor is not None, "moe_impl",
+             "'capacity' needs capacity_factor (slots per expert = cf·N·K/E)", c.moe_impl)
+    _require(c.capacity_factor is None or c.moe_impl in ("auto", "capacity"), "capacity_factor",
+             f"is for moe_impl 'capacity' (or 'auto'), not the dropless {c.moe_impl!r}",
+             c.capacity_factor)
+    _require(c.moe_impl != "ragged" or c.fp8 == "none", "moe_impl",
+             f"'ragged' runs without an FP8 recipe (fp8={c.fp8!r}): use 'blocks' or 'auto'",
+             c.moe_impl)
+    _require(isinstance(c.ep_buffer_factor, (int, float)) and not isinstance(
+        c.ep_buffer_factor, bool) and math.isfinite(c.ep_buffer_factor)
+             and c.ep_buffer_factor >= 1, "ep_buffer_factor",
+             "must be a number >= 1 (receive rows per device / its own N·K assignments)",
+             c.ep_buffer_factor)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -10,15 +10,20 @@ Routing, per token (REFERENCE §3), all in fp32:
   6. y = shared(x) + Σ_k w_k · expert_{idx_k}(x), experts are SwiGLU.
 
 Expert compute (dimension key: N tokens, K experts per token, E experts, D model, F expert
-hidden, P token blocks, b block size, C per-expert capacity):
-  * dropless (default): assignments sorted by expert, each expert's run padded to a multiple of
+hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_impl`
+(`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU, blocks on CPU):
+  * blocks (dropless): assignments sorted by expert, each expert's run padded to a multiple of
     `expert_block_size`, then one batched matmul over blocks with each block's expert weight
     gathered — cost ∝ N·K + E·b, nothing dropped, no `ragged_dot` (slow on XLA:CPU).
+  * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
+    with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
   * per token (`gathers_experts`: a few tokens, e.g. a decode step): each assignment's
     expert weights gathered, cost ∝ N·K expert matrices, no padding.
-  * capacity (`capacity_factor` set): C = ceil(cf·N·K/E) slots per expert, 'ECD,EDF->ECF';
-    assignments beyond C are dropped. Equal to dropless when nothing overflows.
-Both use one slot plan (`plan_slots`), which expert parallelism reuses to build its buffers.
+  * capacity (`capacity_factor` set; moe_impl "capacity" or "auto"): C = ceil(cf·N·K/E) slots
+    per expert, 'ECD,EDF->ECF'; assignments beyond C are dropped. Equal to dropless when
+    nothing overflows.
+Blocks and capacity use one slot plan (`plan_slots`), which expert parallelism reuses to build
+its buffers.
 
 The correction bias is an input: the model keeps all layers' biases as one [L_moe, E] array in
 the `moe_bias` variable collection, so no optimizer sees it and the sign-rule update is one
@@ -47,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.expert_compute import ragged_experts, resolve_moe_impl
 from dsv3_jax.layers import Einsum, SwiGLU, Weight, product, project
 
 
@@ -305,10 +311,13 @@ class MoE(nn.Module):
         if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
             y = _expert_parallel_strategy(shards)(tokens, routing, experts.weights(), c)
         else:
+            impl = resolve_moe_impl(c)
             if gathers_experts(N, c):
                 y_assign = per_token_swiglu(tokens, routing.experts, experts.weights(), c)
+            elif impl == "ragged":
+                y_assign = ragged_experts(tokens, routing.experts, experts.weights(), c)
             else:
-                if c.capacity_factor is None:
+                if impl == "blocks":
                     b = c.expert_block_size
                     plan = plan_slots(routing.experts, E, block=b)
                     x_slots = gather_rows(tokens, plan.token)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import ModelConfig
-from dsv3_jax.moe import MoE, plan_slots, route, sequence_balance_loss
+from dsv3_jax.moe import MoE, gathers_experts, plan_slots, route, sequence_balance_loss
 
 
 def _logit(p):
@@ -158,7 +158,6 @@ def test_sequence_balance_loss_matches_formula():
 def test_a_few_tokens_gather_their_experts_and_match_the_loop_and_blocks():
     """Decode-sized inputs (N·K·8 ≤ E·b) take the per-token path: outputs equal the per-expert
     loop, gradients equal the dropless blocks path (block 1, which never gathers)."""
-    from dsv3_jax.moe import gathers_experts
     c = ModelConfig.preset("tiny")  # E 16 × b 16 = 256 ≥ 8 × 4 tokens × K 4
     blocks = ModelConfig.preset("tiny", expert_block_size=1)
     assert gathers_experts(4, c) and not gathers_experts(4, blocks)
@@ -177,3 +176,65 @@ def test_a_few_tokens_gather_their_experts_and_match_the_loop_and_blocks():
     for a, b in zip(jax.tree.leaves(grads(c)), jax.tree.leaves(grads(blocks)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                    atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+
+
+@pytest.mark.parametrize("preset, tokens, skewed", [
+    ("tiny", 48, False), ("tiny", 48, True), ("small", 320, True)])
+def test_ragged_equals_blocks_outputs_and_gradients(preset, tokens, skewed):
+    """moe_impl="ragged" (sorted rows through jax.lax.ragged_dot) against "blocks" (padded
+    blocks, gathered weights): outputs and gradients wrt params and input agree to fp32 noise
+    (max |Δ| ≤ 1e-5 · max |blocks|). Skewed: a +10 bias on experts 0-3 (all in group 0) makes
+    every token choose exactly experts 0-3, so expert 0 receives every token and the other
+    E - 4 experts none (empty groups in ragged_dot, no blocks but padding in the other)."""
+    c = ModelConfig.preset(preset)
+    params, x, bias = _moe_setup(c, B=2, T=tokens // 2)
+    if skewed:
+        bias = jnp.zeros(c.n_routed_experts).at[:4].set(10.0)
+    probe = jax.random.normal(jax.random.key(9), x.shape)
+
+    def run(impl):
+        config = c.replace(moe_impl=impl)
+        assert not gathers_experts(tokens, config)
+        fwd = lambda p, x: MoE(config).apply({"params": p}, x, bias)
+        y, counts, _ = jax.jit(fwd)(params, x)
+        grads = jax.jit(jax.grad(lambda p, x: (fwd(p, x)[0] * probe).sum(), (0, 1)))(params, x)
+        return y, counts, grads
+
+    y_b, counts_b, grads_b = run("blocks")
+    y_r, counts_r, grads_r = run("ragged")
+    np.testing.assert_array_equal(np.asarray(counts_r), np.asarray(counts_b))
+    if skewed:
+        assert int(counts_b[0]) == tokens and int((counts_b == 0).sum()) == c.n_routed_experts - 4
+    np.testing.assert_allclose(np.asarray(y_r), np.asarray(y_b), rtol=0,
+                               atol=1e-5 * float(np.abs(np.asarray(y_b)).max()))
+    for a, b in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+
+
+def test_moe_impl_choice_and_errors(caplog):
+    """auto: capacity when capacity_factor is set, else blocks on this CPU (logged once);
+    explicit choices stand; contradictions and unknown names are refused by name."""
+    from dsv3_jax import expert_compute
+    expert_compute._logged.clear()
+    with caplog.at_level("INFO", logger="dsv3_jax.expert_compute"):
+        assert expert_compute.resolve_moe_impl(ModelConfig.preset("tiny")) == "blocks"
+        assert expert_compute.resolve_moe_impl(ModelConfig.preset("tiny")) == "blocks"
+    assert [r.getMessage() for r in caplog.records] == [
+        "moe_impl='auto' runs the routed experts as 'blocks' on cpu"]
+    assert expert_compute.resolve_moe_impl(
+        ModelConfig.preset("tiny", capacity_factor=1.25)) == "capacity"
+    assert expert_compute.resolve_moe_impl(ModelConfig.preset("tiny", moe_impl="ragged")) \
+        == "ragged"
+    with pytest.raises(ValueError, match=r"moe_impl='dense' is invalid: allowed: \('auto', "
+                                         r"'blocks', 'ragged', 'capacity'\)"):
+        ModelConfig.preset("tiny", moe_impl="dense")
+    with pytest.raises(ValueError, match="'capacity' needs capacity_factor"):
+        ModelConfig.preset("tiny", moe_impl="capacity")
+    with pytest.raises(ValueError, match="capacity_factor=1.25 is invalid: is for moe_impl"):
+        ModelConfig.preset("tiny", moe_impl="ragged", capacity_factor=1.25)
+    with pytest.raises(ValueError, match="without an FP8 recipe"):
+        ModelConfig.preset("tiny", moe_impl="ragged", fp8="blockwise")
+    for bad in (0.5, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="ep_buffer_factor.*must be a number >= 1"):
+            ModelConfig.preset("tiny", ep_buffer_factor=bad)

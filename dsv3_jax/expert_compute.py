@@ -1,0 +1,108 @@
+"""Which routed-expert computation runs, and the ragged one: sorted rows through grouped GEMMs.
+
+`ModelConfig.moe_impl` names the computation (dimension key as in `dsv3_jax/moe.py`; M rows
+sorted by expert, M = N·K here):
+  * "blocks": dropless; assignments sorted by expert into padded blocks, one batched matmul
+    with each block's expert weight gathered (`moe.grouped_swiglu`). Fast on XLA:CPU.
+  * "ragged": dropless; assignments sorted by expert, then `jax.lax.ragged_dot` with the
+    per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
+    GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.
+  * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
+  * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode),
+    else "ragged" on TPU and GPU and "blocks" on CPU and under an FP8 recipe (ragged_dot has
+    none). The platform is that of the mesh being traced under (`jax.set_mesh`, e.g. a
+    described TPU slice for an AOT compile), else JAX's default backend. Each resolution is
+    logged once.
+
+The ragged path calls `jax.lax.ragged_dot` directly, not `layers.project`: its operands are cast
+to the compute dtype and accumulated in fp32 like `project` does, and no precision recipe
+applies (config validation refuses moe_impl="ragged" with an FP8 recipe).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Weight, dtype_of
+
+_ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
+_logged: set[tuple[str, str]] = set()
+
+
+def platform() -> str:
+    """The platform code is traced for: the current mesh's devices, else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_moe_impl(config: ModelConfig) -> str:
+    """"blocks", "ragged" or "capacity": `config.moe_impl` with "auto" resolved (see the module
+    docstring); an automatic choice is logged once per (platform, choice)."""
+    if config.moe_impl != "auto":
+        return config.moe_impl
+    where = platform()
+    if config.capacity_factor is not None:
+        choice = "capacity"
+    elif where in _ACCELERATORS and config.fp8 == "none":
+        choice = "ragged"
+    else:
+        choice = "blocks"
+    if (where, choice) not in _logged:
+        _logged.add((where, choice))
+        logging.getLogger(__name__).info("moe_impl='auto' runs the routed experts as %r on %s",
+                                         choice, where)
+    return choice
+
+
+def sort_by_expert(experts: jax.Array, num_experts: int,
+                   valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Assignments in expert order.
+
+    Args:
+      experts: [M] expert id of each assignment.
+      valid: [M] False for assignments to leave out (sorted last, counted nowhere).
+    Returns:
+      (order [M]: the assignment in each sorted position, group_sizes [E] int32).
+    """
+    key = experts if valid is None else jnp.where(valid, experts, num_experts)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.zeros(num_experts, jnp.int32).at[key].add(1, mode="drop")
+    return order.astype(jnp.int32), sizes
+
+
+def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight, ...],
+                  config: ModelConfig) -> jax.Array:
+    """Rows sorted by expert through their experts' SwiGLU, as grouped GEMMs.
+
+    Args:
+      rows: [M, D]; the first group_sizes[0] rows go to expert 0, the next to expert 1, ...;
+        rows past sum(group_sizes) come out zero.
+      group_sizes: [E] int32.
+      weights: (gate [E, D, F], up [E, D, F], down [E, F, D]).
+    Returns:
+      [M, D] in the compute dtype.
+    """
+    dtype = dtype_of(config.dtype)
+    gate, up, down = (w.kernel.astype(dtype) for w in weights)
+
+    def gemm(x, w):
+        out = jax.lax.ragged_dot(x.astype(dtype), w, group_sizes,
+                                 preferred_element_type=jnp.float32)
+        return out.astype(dtype)
+
+    return gemm(jax.nn.silu(gemm(rows, gate)) * gemm(rows, up), down)
+
+
+def ragged_experts(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, ...],
+                   config: ModelConfig) -> jax.Array:
+    """[N, D] tokens through their K experts [N, K] by sorting and grouped GEMMs: [N, K, D]."""
+    N, K = experts.shape
+    order, sizes = sort_by_expert(experts.reshape(-1), config.n_routed_experts)
+    y_sorted = ragged_swiglu(jnp.take(tokens, order // K, axis=0), sizes, weights, config)
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+    return y.reshape(N, K, -1)

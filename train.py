@@ -12,8 +12,10 @@ inside a compile), saves and exits with status 128 + the signal (130 for Ctrl-C,
 SIGTERM), so `train.py && …` stops there; run the same command again to continue. A second
 signal exits at once, keeping the latest complete checkpoint. Bad input (unknown config field
 or file, mesh/device mismatch, a model the mesh cannot split, empty data glob, seq_len beyond
-the model's positions, a tokenizer larger than the vocabulary, a workdir of a different model)
-stops with a one-line error and exit status 2 before anything is compiled or written.
+the model's positions, a malformed data.tokenizer, a tokenizer larger than the vocabulary, a
+workdir of a different model or tokenizer) stops with a one-line error and exit status 2 before
+anything is compiled or written. `data.tokenizer="bpe:N"` trains a byte-level BPE on the
+training split at start and keeps it in WORKDIR/tokenizer.json for resuming and sampling.
 
 The logic lives in `dsv3_jax/training/`; this file is the linear story of one run.
 """
@@ -105,8 +107,8 @@ def main(argv):
 
     from dsv3_jax.accounting import flops_per_token
     from dsv3_jax.training import checkpoint, data, metrics, state, step
+    from dsv3_jax.training import tokenizer as tokenizer_lib
     from dsv3_jax.training.placed_step import place_train_step
-    from dsv3_jax.training.tokenizer import load_tokenizer
     from sharding import mesh as mesh_lib
     from sharding import placement
 
@@ -125,10 +127,13 @@ def main(argv):
                                         flags.FLAGS.num_processes, flags.FLAGS.process_id)
         run_config.check_run(config)
         model = run_config.model_config(config)
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        run_config.check_model_fits(config, model, tokenizer)
+        config.model.vocab_size = model.vocab_size  # 0 (from the tokenizer) made concrete
+        run_config.check_model_fits(config, model, run_config.tokenizer_vocab(config))
         run_config.check_mesh(config, jax.device_count(), model)
         checkpoint.check_workdir(workdir, model)
+        bpe_cache = os.path.join(workdir, tokenizer_lib.CACHE_FILE)
+        run_config.check_same_tokenizer(config, workdir, checkpoint.load_config(workdir) if (
+            checkpoint.saved_steps(workdir) or os.path.isfile(bpe_cache)) else None)
         # Mesh, state shardings (abstract shapes only) and the jitted step, not yet compiled:
         # every parameter or optimizer leaf the mesh cannot split is an error here.
         mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES})
@@ -136,7 +141,13 @@ def main(argv):
             placed = place_train_step(model, config, mesh)  # optimizer, shardings, step
         except ValueError as e:
             raise run_config.ConfigError(f"config.mesh: {e}") from None
-        corpus = data.load_corpus(config.data, tokenizer)
+        # "bpe:N": trained here on the training split, or the workdir's from a previous start.
+        documents = data.read_documents(config.data)
+        tokenizer, new_tokenizer = tokenizer_lib.run_tokenizer(
+            config.data.tokenizer, workdir,
+            lambda: documents.train_texts(config.data.heldout_fraction),
+            resuming=bool(checkpoint.saved_steps(workdir)))
+        corpus = data.load_corpus(config.data, tokenizer, documents)
         train_ds = data.train_dataset(
             corpus.train, seq_len=config.seq_len, global_batch=config.batch_size,
             seed=config.seed, process_index=jax.process_index(),
@@ -172,6 +183,8 @@ def main(argv):
         return 0
     if jax.process_index() == 0:  # one writer per run (multi-host: all share the workdir)
         checkpoint.write_config(workdir, config)
+        if new_tokenizer:  # a resumed run reads this one back: the same ids
+            tokenizer.save(bpe_cache)
     if train_state is not None:
         print(f"model: {model_summary(model)}; resumed from step {start_step}", flush=True)
     elif not stop.requested:  # created shard by shard: no full copy on any one device

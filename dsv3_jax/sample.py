@@ -43,7 +43,7 @@ def load(workdir: str):
     if config is None or not checkpoint.saved_steps(workdir):
         raise ValueError(f"{workdir!r} holds no train.py checkpoint")
     model = run_config.model_config(config)
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer, workdir)  # "bpe:N": WORKDIR/tokenizer.json
     tx = state.make_optimizer(config, model)
     restored, step = checkpoint.Checkpointer(workdir, config.keep_checkpoints,
                                              read_only=True).restore(

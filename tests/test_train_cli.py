@@ -4,8 +4,9 @@ One 12-step reference run is shared: end to end (metrics.jsonl against bits/byte
 here from the corpus, TensorBoard, checkpoints, sampling), then an interrupted run (stop after 6,
 resume to 12), a corrupted latest checkpoint, a finished run started again, and SIGTERM/SIGINT
 (during start-up, during training, twice) are compared against it — bit for bit on CPU where the
-run is the same. Bad input must fail with one line on stderr, exit status 2, and leave the
-workdir as it was (absent when it was).
+run is the same. A second reference run with the byte-level BPE ("bpe:N", trained at start and
+cached in the workdir) is resumed the same way, bit for bit. Bad input must fail with one line on
+stderr, exit status 2, and leave the workdir as it was (absent when it was).
 """
 
 import json
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 
 import pytest
@@ -328,6 +330,73 @@ def test_non_finite_loss_names_the_step(tmp_path):
     assert f"last good checkpoint: {bad_step - 1}" in line
 
 
+# ---- the byte-level BPE: trained at start, cached in the workdir, resumed bit for bit ------
+
+BPE = ["--config.data.tokenizer=bpe:320", "--config.model.vocab_size=0",  # 0: 384, from 320
+       "--config.data.source=" + os.path.join(sysconfig.get_paths()["stdlib"], "[a-c]*.py"),
+       "--config.data.heldout_fraction=0.1"]
+
+
+@pytest.fixture(scope="module")
+def bpe_reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("bpe_reference") / "run")
+    result = train(workdir, *BPE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def bpe_heldout_by_hand(workdir):
+    """(held-out token count, held-out raw bytes): the held-out files read here and encoded with
+    the workdir's tokenizer.json, one separator after each."""
+    from dsv3_jax.training import checkpoint, data
+    from dsv3_jax.training.tokenizer import load_tokenizer
+
+    config = checkpoint.load_config(workdir)
+    tok = load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+    tokens, raw = 0, b""
+    for rel, path in data.glob_files(config.data.source):
+        if data.is_heldout(rel, config.data.heldout_fraction):
+            with open(path, "rb") as f:
+                text = f.read()
+            ids = tok.encode(text)
+            assert tok.decode_bytes(ids) == text  # lossless
+            tokens, raw = tokens + len(ids) + 1, raw + text
+    return tokens, raw
+
+
+@pytest.mark.slow
+def test_bpe_exact_resume(bpe_reference, tmp_path):
+    ref = bpe_reference
+    with open(os.path.join(ref, "tokenizer.json"), "rb") as f:
+        trained = f.read()
+    workdir = str(tmp_path / "run")
+    first = train(workdir, *BPE, "--config.stop_after=6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    cache = os.path.join(workdir, "tokenizer.json")
+    with open(cache, "rb") as f:
+        assert f.read() == trained  # training the BPE is deterministic
+    before = os.stat(cache).st_mtime_ns
+    second = train(workdir, *BPE)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 6" in second.stdout
+    assert os.stat(cache).st_mtime_ns == before  # read back, not trained again
+    ours, theirs = records(workdir), records(ref)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        assert exact(a) == exact(b), a["step"]  # bit for bit
+    # Bits per byte of held-out text, never per token: the BPE's tokens per original byte.
+    tokens, raw = bpe_heldout_by_hand(ref)
+    assert tokens < 0.8 * len(raw)  # the BPE merged something
+    xz = 8 * len(lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)) / len(raw)
+    for r in by_step(ref, "eval_loss").values():
+        assert r["eval_bits_per_byte"] == pytest.approx(
+            r["eval_loss"] / math.log(2) * tokens / len(raw), rel=1e-12)
+        assert r["xz_bits_per_byte"] == pytest.approx(xz, rel=1e-12)
+    with open(os.path.join(ref, "config.json")) as f:
+        assert json.load(f)["model"]["vocab_size"] == 384  # sized from bpe:320, recorded
+    assert sample(ref, "--max_new_tokens=4", "--temperature=0")  # sampling reads tokenizer.json
+
+
 @pytest.fixture(scope="module")
 def big_tokenizer(tmp_path_factory):
     tokenizers = pytest.importorskip("tokenizers")
@@ -357,6 +426,17 @@ BAD_INPUT = {  # case: (arguments, what the one line says, arguments replace ARG
     "empty_glob": (["--config.data.source={tmp}/none/*.txt"], "matches no files"),
     "seq_len": (["--config.seq_len=4096"], "max_position_embeddings=1024"),
     "tokenizer": (["--config.data.tokenizer={tokenizer}"], "500 tokens"),
+    "bpe_zero": (["--config.data.tokenizer=bpe:0"],
+                 "data.tokenizer='bpe:0' is invalid: allowed: 'byte', 'bpe:N'"),
+    "bpe_not_a_number": (["--config.data.tokenizer=bpe:abc"], "'bpe:abc' is invalid"),
+    "bpe_below_bytes_and_separator": (["--config.data.tokenizer=bpe:256"], "N >= 257 ids"),
+    "bpe_beyond_vocab": (["--config.data.tokenizer=bpe:1000"],
+                         "'bpe:1000' has 1000 tokens, more than config.model.vocab_size=384 "
+                         "(use --config.model.vocab_size=1024, or 0"),
+    "bpe_token_file": (["--config.data.tokenizer=bpe:300", "--config.data.source={tmp}/t.npy"],
+                       "is a token file"),
+    "different_tokenizer": (["--config.data.tokenizer=bpe:300"],
+                            "was trained with data.tokenizer='byte', not 'bpe:300'"),
     "different_model": (["--config.model.hidden_size=128"], "different model"),
     "pipeline_schedule": (["--cpu_devices=2", "--config.mesh.pipe=2",
                            "--config.pipeline.schedule=dualpipe",
@@ -372,13 +452,15 @@ BAD_INPUT = {  # case: (arguments, what the one line says, arguments replace ARG
                        "config.batch_size=4 must be divisible by config.pipeline.microbatches=3"),
 }
 
+ON_REFERENCE = ("different_model", "different_tokenizer")  # cases run on the reference workdir
+
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_one_line_exit_2_nothing_written(case, reference, big_tokenizer, tmp_path):
     ref, _ = reference
     args, expected, *replace = BAD_INPUT[case]
     args = [a.format(tmp=tmp_path, tokenizer=big_tokenizer) for a in args]
-    workdir = ref if case == "different_model" else str(tmp_path / "fresh")
+    workdir = ref if case in ON_REFERENCE else str(tmp_path / "fresh")
     before = snapshot(workdir) if os.path.exists(workdir) else None
     if replace and replace[0]:
         result = subprocess.run([sys.executable, TRAIN, "--workdir=fresh", *args], cwd=tmp_path,

@@ -11,7 +11,8 @@ salted `hash`), so adding a file never moves another one across the split. Docum
 into one token stream with the tokenizer's separator after each.
 
 Bits per byte count the files' original bytes, whatever their encoding: the byte tokenizer's ids
-are the raw bytes (a Latin-1 file is as good as a UTF-8 one, and the xz reference sees exactly
+are the raw bytes, and the byte-level BPE ("bpe:N", trained on `Documents.train_texts`) decodes
+to exactly them (a Latin-1 file is as good as a UTF-8 one, and the xz reference sees exactly
 the held-out files' bytes); a text tokenizer (tokenizer.json) rejects a file that is not valid
 UTF-8 with a one-line error naming it (tokenizer.NotUTF8Error, a ValueError), as decoding it with
 replacement characters would measure bits per byte on other bytes than the file's.
@@ -104,50 +105,84 @@ def stream_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max else np.int32
 
 
-def load_corpus(data, tokenizer) -> Corpus:
-    """Reads and tokenizes `data.source`.
+@dataclasses.dataclass
+class Documents:
+    """A text source's files as read: raw bytes, and which ones the path-hash split holds out."""
 
-    Raises ValueError when it matches nothing, and NotUTF8Error (a ValueError naming the file)
-    when a text tokenizer is given a file that is not valid UTF-8.
-    """
+    texts: list[bytes]
+    paths: list[str]  # absolute, for error messages
+    heldout: list[bool]
+    what: str
+
+    @property
+    def split_by_file(self) -> bool:
+        """Whether the files split into both sides (else the stream's tail is held out)."""
+        return 0 < sum(self.heldout) < len(self.texts)
+
+    def train_texts(self, heldout_fraction: float) -> list[bytes]:
+        """The training split's bytes, for training a tokenizer on. Without a file-level split,
+        the leading 1 - heldout_fraction of the bytes (the held-out tail is cut in tokens, so
+        the two splits meet only approximately there)."""
+        if self.split_by_file:
+            return [t for t, h in zip(self.texts, self.heldout) if not h]
+        joined = b"".join(self.texts)
+        return [joined[:len(joined) - max(1, int(len(joined) * heldout_fraction))]]
+
+
+def read_documents(data) -> Documents | None:
+    """The files of a text `data.source` ("stdlib" or a glob); None for a token file. Raises
+    ValueError when the glob matches nothing."""
     source = data.source
     if source.endswith(_TOKEN_SUFFIXES):
-        return _token_file_corpus(data, tokenizer)
+        return None
     if source == "stdlib":
         files, what = stdlib_files(), "the Python standard library's .py files"
     else:
         files, what = glob_files(source), f"files matching {source!r}"
     if not files:
         raise ValueError(f"data.source={source!r} matches no files")
-    texts, heldout_mask = [], []
-    for rel, path in files:
+    texts = []
+    for _, path in files:
         with open(path, "rb") as f:
             texts.append(f.read())
-        heldout_mask.append(is_heldout(rel, data.heldout_fraction))
-    if getattr(tokenizer, "reads_bytes", False):  # ids are the raw bytes: nothing to decode
-        docs = [tokenizer.encode(t) for t in texts]
+    return Documents(texts, [path for _, path in files],
+                     [is_heldout(rel, data.heldout_fraction) for rel, _ in files], what)
+
+
+def load_corpus(data, tokenizer, documents: Documents | None = None) -> Corpus:
+    """Reads (unless `documents` are given: `read_documents(data)`) and tokenizes `data.source`.
+
+    Raises ValueError when it matches nothing, and NotUTF8Error (a ValueError naming the file)
+    when a text tokenizer is given a file that is not valid UTF-8.
+    """
+    documents = documents or read_documents(data)
+    if documents is None:
+        return _token_file_corpus(data, tokenizer)
+    texts, heldout_mask = documents.texts, documents.heldout
+    if getattr(tokenizer, "reads_bytes", False):  # the byte tokenizer and the byte-level BPE
+        strs = texts
     else:
         name = getattr(tokenizer, "name", "text")
-        strs = [decode_utf8(t, path, name) for t, (_, path) in zip(texts, files)]
-        if hasattr(tokenizer, "encode_batch"):
-            docs = tokenizer.encode_batch(strs)
-        else:
-            docs = [tokenizer.encode(t) for t in strs]
+        strs = [decode_utf8(t, path, name) for t, path in zip(texts, documents.paths)]
+    if hasattr(tokenizer, "encode_batch"):
+        docs = tokenizer.encode_batch(strs)
+    else:
+        docs = [tokenizer.encode(t) for t in strs]
     dtype = stream_dtype(tokenizer.vocab_size)
     sep = tokenizer.separator_id
-    if 0 < sum(heldout_mask) < len(files):
+    if documents.split_by_file:
         train = _join([d for d, h in zip(docs, heldout_mask) if not h], sep, dtype)
         heldout = _join([d for d, h in zip(docs, heldout_mask) if h], sep, dtype)
         heldout_text = b"".join(t for t, h in zip(texts, heldout_mask) if h)
-        split = f"{sum(heldout_mask)} of {len(files)} files held out by path hash"
+        split = f"{sum(heldout_mask)} of {len(texts)} files held out by path hash"
     else:  # too few files for a file-level split: hold out the tail of the stream instead
         stream = _join(docs, sep, dtype)
         cut = len(stream) - max(1, int(len(stream) * data.heldout_fraction))
         train, heldout = stream[:cut], stream[cut:]
         heldout_text = _decode_bytes(tokenizer, heldout)  # byte tokenizer: the file's tail
-        split = f"{len(files)} files, last {len(heldout)} tokens held out"
+        split = f"{len(texts)} files, last {len(heldout)} tokens held out"
     return Corpus(train, heldout, len(heldout_text), heldout_text,
-                  f"{what} ({sum(len(t) for t in texts) / 1e6:.1f} MB; {split})")
+                  f"{documents.what} ({sum(len(t) for t in texts) / 1e6:.1f} MB; {split})")
 
 
 def _token_file_corpus(data, tokenizer) -> Corpus:

@@ -3,8 +3,10 @@
 `base_config(preset)` holds every field train.py reads, with defaults; a config file changes a
 few. `config.model` is a ConfigDict of `ModelConfig` fields filled from a preset, so any
 architecture field can be overridden from the command line (`--config.model.num_hidden_layers=4`);
-`model_config()` turns it back into a validated `ModelConfig`. All input checks that can run
-before compilation live here and raise `ConfigError` with a one-line message naming the field.
+`model_config()` turns it back into a validated `ModelConfig`; `model.vocab_size=0` sizes the
+vocabulary from `data.tokenizer` (its ids, padded to a multiple of 128). All input checks that
+can run before compilation live here and raise `ConfigError` with a one-line message naming the
+field.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dsv3_jax.config import ModelConfig, YarnScaling
+from dsv3_jax.training import tokenizer as tokenizer_lib
 from sharding import mesh as mesh_lib
 from sharding import pipeline, rules
 from sharding.pipeline import stages
@@ -79,7 +82,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.model = model_fields(preset)
     c.data = ml_collections.ConfigDict(dict(
         source="stdlib",  # "stdlib", a text-file glob, or a .npy/.bin token file
-        tokenizer="byte",  # "byte" or a path to a Hugging Face tokenizer.json
+        # "byte", "bpe:N" (a byte-level BPE of N ids trained on the training split, cached in
+        # the workdir) or a path to a Hugging Face tokenizer.json
+        tokenizer="byte",
         heldout_fraction=0.02,
         heldout_max_tokens=1 << 20,  # token files: cap on the held-out tail
         token_dtype="uint16",  # .bin token files
@@ -96,10 +101,23 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     return c
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The validated ModelConfig of `config.model`; ConfigError on an invalid field."""
+def tokenizer_vocab(config: ml_collections.ConfigDict):
+    """What `config.data.tokenizer` names, as far as is known before training (a "bpe:N" spec
+    is N ids): `.name`, `.vocab_size`, `.padded_vocab_size`. ConfigError for a bad spec."""
     try:
-        return ModelConfig.from_dict(config.model.to_dict())
+        return tokenizer_lib.spec_vocab(config.data.tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The validated ModelConfig of `config.model` (vocab_size 0: the tokenizer's padded vocab);
+    ConfigError on an invalid field."""
+    fields = config.model.to_dict()
+    if fields.get("vocab_size") == 0:
+        fields["vocab_size"] = tokenizer_vocab(config).padded_vocab_size
+    try:
+        return ModelConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
 
@@ -129,6 +147,11 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < config.data.heldout_fraction < 1.0:
         raise ConfigError(f"config.data.heldout_fraction={config.data.heldout_fraction!r} is "
                           "invalid: must be in (0, 1)")
+    if (tokenizer_vocab(config).name.startswith("bpe:")
+            and config.data.source.endswith((".npy", ".bin"))):
+        raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} trains on text, but "
+                          f"data.source={config.data.source!r} is a token file; use "
+                          "data.tokenizer='byte' or the tokenizer.json that made the file")
 
 
 def check_model_fits(config: ml_collections.ConfigDict, model: ModelConfig, tokenizer) -> None:
@@ -139,7 +162,24 @@ def check_model_fits(config: ml_collections.ConfigDict, model: ModelConfig, toke
     if tokenizer.vocab_size > model.vocab_size:
         raise ConfigError(f"data.tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, "
                           f"more than config.model.vocab_size={model.vocab_size} (use "
-                          f"--config.model.vocab_size={tokenizer.padded_vocab_size})")
+                          f"--config.model.vocab_size={tokenizer.padded_vocab_size}, or 0 to "
+                          "size it from the tokenizer)")
+
+
+def check_same_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                         saved: ml_collections.ConfigDict | None) -> None:
+    """A workdir's checkpoints and cached BPE belong to one tokenizer: ConfigError when `saved`
+    (the workdir's config.json) names another tokenizer or, for "bpe:N", other training data."""
+    if saved is None or "data" not in saved:
+        return
+    fields = ["tokenizer"]
+    if config.data.tokenizer.startswith("bpe:"):
+        fields += ["source", "heldout_fraction"]  # what the cached BPE was trained on
+    for name in fields:
+        if saved.data.get(name) != config.data[name]:
+            raise ConfigError(f"workdir {workdir!r} was trained with data.{name}="
+                              f"{saved.data.get(name)!r}, not {config.data[name]!r}; use that "
+                              "or a new --workdir")
 
 
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int,

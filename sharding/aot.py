@@ -147,6 +147,9 @@ def main(argv) -> None:
     except tpu.CompilerOutOfMemory as e:
         print(_refused(e, chip, chips, len(devices)))
         sys.exit(1)
+    if flags.FLAGS.hlo_out:  # the compiled program, for hlo_stats or a closer look
+        with open(flags.FLAGS.hlo_out, "w") as f:
+            f.write(compiled.as_text())
     hbm = None if flags.FLAGS.hbm_gib is None else flags.FLAGS.hbm_gib * GiB
     report = analyze(compiled, config, model, chip, chips, len(devices), hbm,
                      flags.FLAGS.step_time)
@@ -163,4 +166,5 @@ if __name__ == "__main__":
     flags.DEFINE_float("hbm_gib", None, "HBM budget per device in GiB (default: the chip's)")
     flags.DEFINE_float("step_time", None, "a measured step time in seconds, for its MFU")
     flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
+    flags.DEFINE_string("hlo_out", None, "write the compiled HLO text to this file")
     app.run(main, flags_parser=cli.flags_parser("sharding.aot"))

@@ -54,8 +54,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.expert_compute import platform, resolve_moe_impl
 from dsv3_jax.layers import Weight, dtype_of
 from dsv3_jax.moe import Routing, batched_swiglu, gather_rows, grouped_swiglu, plan_slots
+from sharding import ragged_expert_parallel
 from sharding.mesh import BATCH_AXES
 
 EXPERT_AXIS = "expert"
@@ -169,7 +171,13 @@ def routed_experts(tokens: jax.Array, routing: Routing,
     valid = jnp.arange(N + pad) < N
     tensor = TENSOR_AXIS if tensor_split else None
     tok = P(token_axes)
-    fn = functools.partial(_per_device, config=config, num_shards=X, tensor_split=tensor_split)
+    if resolve_moe_impl(config) == "ragged":
+        fn = functools.partial(ragged_expert_parallel.per_device, config=config, num_shards=X,
+                               tensor_split=tensor_split, mesh_axes=tuple(mesh.axis_names),
+                               primitive=platform() in ("tpu", "gpu", "cuda", "rocm"))
+    else:
+        fn = functools.partial(_per_device, config=config, num_shards=X,
+                               tensor_split=tensor_split)
     y = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(tok, tok, tok, tok, P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, None, tensor),

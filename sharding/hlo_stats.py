@@ -11,8 +11,10 @@ the heaviest op kind any rank runs.
 * Collectives: per-device result bytes of each all-to-all, all-gather, reduce-scatter,
   all-reduce and collective-permute (for async pairs the `-done` op's result; the `-start` is
   skipped so nothing counts twice).
-* Matmul FLOPs: 2 × output elements × contracted size, for `dot` (lhs contracting dims) and
-  `convolution` (rhs size over its output-feature dim: TPU lowers matmuls to convolutions).
+* Matmul FLOPs: 2 × output elements × contracted size, for `dot` (lhs contracting dims),
+  `convolution` (rhs size over its output-feature dim: TPU lowers matmuls to convolutions) and
+  TPU `ragged-dot` kernels (2·m·k·n; the weight gradient of a ragged_dot compiles to a
+  convolution dense over the groups, counted as such: g times its ragged work).
 * Each collective instruction on its own (`collective_ops`): executions per step, bytes, its
   device groups (`replica_groups` in any of XLA's three spellings, see `parse_replica_groups`)
   and the JAX op it came from (`op_name` metadata).
@@ -325,8 +327,24 @@ def _convolution_macs(attrs: str, lhs: list[int], rhs: list[int]) -> int:
     return macs
 
 
+def _ragged_dot_flops(inst: Instruction) -> float:
+    """A TPU `ragged-dot` kernel (jax.lax.ragged_dot lowered to a Mosaic custom call): its lhs
+    [m, k] and rhs [g, k, n] are the last two operand_layout_constraints; each of the m rows
+    meets one group's [k, n]: 2·m·n·k (the result [m, n] times k)."""
+    listed = re.search(r"operand_layout_constraints=\{(.*?)\}, (?:frontend|metadata)", inst.rest)
+    shapes = _dims(listed.group(1)) if listed else []
+    out = _dims(inst.result)
+    if len(shapes) < 2 or not out or not shapes[-2] or shapes[-2][0] != out[0][0]:
+        return 0.0
+    return 2.0 * math.prod(out[0]) * (math.prod(shapes[-2]) // shapes[-2][0])
+
+
 def _instruction_flops(inst: Instruction) -> float:
-    """2 × output elements × contracted size of a dot or convolution; 0 for anything else."""
+    """2 × output elements × contracted size of a dot, convolution or TPU ragged-dot kernel; 0
+    for anything else."""
+    if inst.op == "custom-call" and inst.name.startswith("ragged-dot") \
+            and "metadata" not in inst.name:
+        return _ragged_dot_flops(inst)
     if inst.op not in ("dot", "convolution"):
         return 0.0
     out = _dims(inst.result)

@@ -12,6 +12,7 @@ from dsv3_jax import ModelConfig
 from dsv3_jax.layers import Weight
 from dsv3_jax.moe import route
 from sharding import mesh as mesh_lib
+from sharding import ragged_expert_parallel
 from sharding.expert_parallel import routed_experts
 
 TINY = ModelConfig.preset("tiny")  # E=16, K=4, n_group=4, topk_group=2, D=64, F=32
@@ -157,3 +158,29 @@ def test_device_limited_routing_errors():
         route(logits, bias, grouped, expert_shards=2)
     with pytest.raises(ValueError, match="expert_shard_limit"):
         ModelConfig.preset("tiny", expert_shard_limit=0)
+
+
+def test_ragged_expert_parallel_equals_dense_reference_and_overflows_in_rounds():
+    """moe_impl="ragged" under expert parallelism (the CPU twin of ragged_all_to_all) equals the
+    dense reference on data 2 x expert 4, fsdp 2 x expert 2 x tensor 2 and expert 8. Then every
+    token is pushed to experts 0-3 (a +10 bias), all on shard 0 of X = 4, with
+    ep_buffer_factor 1: each device's buffer is its own A = n·K = 8·4 = 32 rows, and shard 0
+    receives all 4 senders' 32 rows = 128: ceil(128 / 32) = 4 exchange rounds, recorded once
+    (from the first device), and the output is still the dense reference: nothing dropped."""
+    ragged = TINY.replace(moe_impl="ragged")
+    for mesh_config in (dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2),
+                        dict(expert=8)):
+        tokens, kernels, logits, bias = inputs(ragged, 64)
+        routing, y = run_parallel(ragged, mesh_config, tokens, kernels, logits, bias)
+        want = dense_reference(tokens, routing, kernels)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    skewed = ragged.replace(n_group=1, topk_group=1, ep_buffer_factor=1.0)
+    tokens, kernels, logits, bias = inputs(skewed, 64, seed=4,
+                                           bias=jnp.zeros(16).at[:4].set(10.0))
+    ragged_expert_parallel.clear_overflow_events()
+    routing, y = run_parallel(skewed, dict(data=2, expert=4), tokens, kernels, logits, bias)
+    jax.effects_barrier()
+    assert ragged_expert_parallel.overflow_events() == [
+        dict(max_rows=128, buffer_rows=32, rounds=4)]
+    want = dense_reference(tokens, routing, kernels)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())

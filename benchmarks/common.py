@@ -1,9 +1,38 @@
-"""Shared benchmark helpers: timing of jitted functions and one-JSON-line reporting."""
+"""Shared benchmark helpers: the bench config, timing of jitted functions, JSON-line reports."""
 
 import json
+import os
 import time
 
 import jax
+
+from dsv3_jax import ModelConfig
+
+# Issue 10's benchmark config: vocab 512, hidden 256, 6 layers (first dense), 8 heads, 16 routed
+# experts top-4 + 1 shared in 4 groups (top-2), expert blocks of 64, no YaRN, no MTP.
+BENCH = dict(vocab_size=512, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+             num_hidden_layers=6, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
+             qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=16,
+             n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+             first_k_dense_replace=1, rms_norm_eps=1e-6, max_position_embeddings=4096,
+             rope_scaling=None, expert_block_size=64, num_nextn_predict_layers=0)
+
+
+def bench_config(name: str, **overrides) -> ModelConfig:
+    """'bench' (BENCH on the tiny preset), a preset name, a JSON file, or inline JSON — of
+    ModelConfig fields, or an HF config.json (one with "model_type")."""
+    if name == "bench":
+        return ModelConfig.preset("tiny", **{**BENCH, **overrides})
+    if name.lstrip().startswith("{") or name.endswith(".json"):
+        if name.lstrip().startswith("{"):
+            fields = json.loads(name)
+        else:
+            with open(os.path.expanduser(name)) as f:
+                fields = json.load(f)
+        if "model_type" in fields:
+            return ModelConfig.from_hf(fields).replace(**overrides)
+        return ModelConfig(**{**fields, **overrides})
+    return ModelConfig.preset(name, **overrides)
 
 
 def seconds_per_call(fn, *args, repeats: int = 5) -> float:

@@ -16,15 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import report, seconds_per_call
-from dsv3_jax import DeepSeekV3, ModelConfig, moe
+from benchmarks.common import bench_config, report, seconds_per_call
+from dsv3_jax import DeepSeekV3, moe
 from dsv3_jax.model import init_cache
-
-BENCH = dict(vocab_size=512, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-             num_hidden_layers=6, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
-             qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=16,
-             num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
-             max_position_embeddings=4096, rope_scaling=None, expert_block_size=64)
 
 
 def main():
@@ -33,8 +27,7 @@ def main():
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    c = (ModelConfig.preset("tiny", **BENCH) if args.preset == "bench"
-         else ModelConfig.preset(args.preset))
+    c = bench_config(args.preset)
     net = DeepSeekV3(c)
     variables = jax.device_put(nn.unbox(net.init(jax.random.key(0),
                                                  jnp.zeros((1, 8), jnp.int32))))

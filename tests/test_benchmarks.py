@@ -30,6 +30,15 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
         "max_new_tokens", "mtp_modules", "draft_tokens", "plain_tokens_per_s",
         "speculative_tokens_per_s", "speedup", "acceptance_rate", "tokens_per_forward",
         "identical", "backend"}),
+    "profile_ops": (["--figure", "decode", "--config", "tiny", "--batch", "1", "--context",
+                     "32", "--top", "3"], {
+        "benchmark", "figure", "config", "kind", "ms", "share", "thunks"}),
+    "vs_transformers": (["--config", "tiny", "--batch", "2", "--seq_len", "16", "--context",
+                         "32", "--decode_batch", "1", "--steps", "2", "--new_tokens", "2",
+                         "--repeats", "1"], {
+        "benchmark", "figure", "config", "batch", "shape", "ours_tok_s", "transformers_tok_s",
+        "ratio", "ours_peak_fraction", "transformers_peak_fraction", "matmul_peak_gflops",
+        "transformers_attention", "threads"}),
 }
 
 
@@ -68,6 +77,18 @@ def test_benchmark_smoke(name):
         assert 0 <= record["acceptance_rate"] <= 1 and 1 <= record["tokens_per_forward"] <= 2
         assert record["speedup"] == pytest.approx(
             record["speculative_tokens_per_s"] / record["plain_tokens_per_s"], rel=0.02)
+    elif name == "profile_ops":  # one line per op kind; the shares of the call add up to 1
+        kinds = [r["kind"] for r in lines]
+        assert len(kinds) == len(set(kinds)) and ({"dot", "matmul"} & set(kinds)), kinds
+        assert sum(r["share"] for r in lines) == pytest.approx(1, abs=0.01)
+        assert all(r["ms"] >= 0 and r["thunks"] >= 1 for r in lines)
+    elif name == "vs_transformers":
+        assert [r["figure"] for r in lines] == ["train", "prefill", "decode", "generate"]
+        for r in lines:
+            assert r["ours_tok_s"] > 0 and r["transformers_tok_s"] > 0
+            assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["transformers_tok_s"],
+                                               rel=0.02)
+            assert 0 < r["ours_peak_fraction"] < 1 and r["matmul_peak_gflops"] > 0
     else:
         assert (record["tokens"], record["experts"], record["top_k"]) == (512, 16, 4)
         assert record["mode"] == "capacity 1.25"

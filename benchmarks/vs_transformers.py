@@ -1,0 +1,215 @@
+"""Ours against transformers' DeepseekV3ForCausalLM on the same CPU, config and weights, in one run.
+
+    python -m benchmarks.vs_transformers [--config bench] [--figures train prefill decode generate]
+
+The weights are initialized once by us, written as an HF checkpoint (`save_hf_checkpoint`) and
+loaded by both sides (transformers: `from_pretrained`, fp32, its default attention; ours:
+`load_hf_checkpoint` + one `device_put`). Each figure prints one JSON line: tokens/s for each
+side, ours over theirs, and model FLOP/s as a fraction of the matmul peak measured first
+(an f32 2048³ matmul, the faster of jax and torch).
+
+  train     forward + backward of the next-token cross-entropy, batch × seq_len
+  prefill   one forward over a prompt of `context` tokens, writing the cache
+  decode    one-token steps after that prompt, at each `--decode_batch` (mean of `steps` steps)
+  generate  prompt + `new_tokens` greedy tokens end to end
+
+`--config` is "bench" (issue 10's config, `benchmarks.common.BENCH`), a preset name, or JSON.
+Model FLOPs count 2 per activated weight plus causal attention (`accounting.flops_per_token`);
+the absorbed decode path does more attention FLOPs than that counts, so decode's fraction is a
+model-FLOPs figure, not hardware utilization.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import bench_config, report
+from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint
+from dsv3_jax.accounting import flops_per_token
+from dsv3_jax.model import init_cache, init_variables
+
+FIGURES = ("train", "prefill", "decode", "generate")
+
+
+def best_seconds(fn, repeats: int, setup=lambda: ()) -> float:
+    """Median wall seconds of fn(*setup()) after one warm-up call; setup() is not timed (fn
+    blocks until its result is ready)."""
+    fn(*setup())
+    times = []
+    for _ in range(repeats):
+        state = setup()
+        start = time.perf_counter()
+        fn(*state)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(torch) -> float:
+    """FLOP/s of an f32 2048³ matmul: the faster of jax (jitted) and torch."""
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda a: a @ a)
+    t_jax = best_seconds(lambda: mm(a).block_until_ready(), 5)
+    ta = torch.randn(n, n)
+    t_torch = best_seconds(lambda: ta @ ta, 5)
+    return 2 * n ** 3 / min(t_jax, t_torch)
+
+
+class Theirs:
+    """transformers' model on the checkpoint, with the four measured calls."""
+
+    def __init__(self, path, torch, transformers):
+        self.torch = torch
+        self.model = transformers.DeepseekV3ForCausalLM.from_pretrained(path,
+                                                                         dtype=torch.float32)
+        self.attention = self.model.config._attn_implementation
+
+    def train(self, tokens):
+        self.model.zero_grad(set_to_none=True)
+        ids = self.torch.from_numpy(tokens)
+        self.model(input_ids=ids, labels=ids).loss.backward()
+
+    def prefill(self, tokens):
+        with self.torch.no_grad():
+            out = self.model(input_ids=self.torch.from_numpy(tokens), use_cache=True)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def decode(self, cache, token, steps):
+        with self.torch.no_grad():
+            for _ in range(steps):
+                out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+        return token
+
+    def generate(self, tokens, new):
+        with self.torch.no_grad():
+            return self.model.generate(self.torch.from_numpy(tokens), max_new_tokens=new,
+                                       min_new_tokens=new, do_sample=False)
+
+
+class Ours:
+    """Our model on the same checkpoint, variables on device once; jitted calls."""
+
+    def __init__(self, path):
+        self.config, variables = load_hf_checkpoint(path)
+        self.variables = jax.device_put(variables)
+        c, net = self.config, DeepSeekV3(self.config)
+
+        def loss(params, tokens):
+            logits = net.apply({**self.variables, "params": params}, tokens, mtp=False).logits
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+        self._grad = jax.jit(jax.value_and_grad(loss))
+
+        @functools.partial(jax.jit, static_argnames="length")
+        def prefill(variables, tokens, length):
+            out = net.apply(variables, tokens, cache=init_cache(c, tokens.shape[0], length),
+                            cache_index=0, mtp=False)
+            return out.cache, out.logits[:, -1:].argmax(-1).astype(jnp.int32)
+
+        @functools.partial(jax.jit, donate_argnums=2)
+        def step(variables, token, cache, index):
+            out = net.apply(variables, token, cache=cache, cache_index=index, absorb=True,
+                            mtp=False)
+            return out.logits[:, -1:].argmax(-1).astype(jnp.int32), out.cache
+
+        self._prefill, self._step = prefill, step
+
+    def train(self, tokens):
+        jax.block_until_ready(self._grad(self.variables["params"], tokens))
+
+    def prefill(self, tokens, length):
+        return jax.block_until_ready(self._prefill(self.variables, tokens, length))
+
+    def decode(self, cache, token, index, steps):
+        for i in range(steps):
+            token, cache = self._step(self.variables, token, cache, jnp.int32(index + i))
+        return jax.block_until_ready(token)
+
+    def generate(self, tokens, new):
+        return jax.block_until_ready(generate(self.config, self.variables, tokens, new))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="bench")
+    parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES)
+    parser.add_argument("--batch", type=int, default=8, help="train batch")
+    parser.add_argument("--seq_len", type=int, default=256, help="train sequence length")
+    parser.add_argument("--context", type=int, default=1024, help="prefill / decode prompt")
+    parser.add_argument("--decode_batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
+    parser.add_argument("--new_tokens", type=int, default=64, help="generate")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    config = bench_config(args.config, num_nextn_predict_layers=0)  # transformers runs no MTP
+    if args.context + max(args.steps, args.new_tokens) + 1 > config.max_position_embeddings:
+        parser.error(f"--context {args.context} + steps/new tokens exceed the config's "
+                     f"max_position_embeddings={config.max_position_embeddings}")
+    peak = matmul_peak(torch)
+    with tempfile.TemporaryDirectory() as path:
+        save_hf_checkpoint(path, config, init_variables(config, jax.random.key(0)))
+        ours, theirs = Ours(path), Theirs(path, torch, transformers)
+    rng = np.random.default_rng(0)
+    tokens = lambda b, t: rng.integers(0, config.vocab_size, (b, t), dtype=np.int64)
+    forward = lambda seq: flops_per_token(config, seq, include_mtp=False) / 3
+
+    def emit(figure, n_tokens, t_ours, t_theirs, flops_per_tok, batch, shape):
+        report(benchmark="vs_transformers", figure=figure, config=args.config, batch=batch,
+               shape=shape, ours_tok_s=round(n_tokens / t_ours, 1),
+               transformers_tok_s=round(n_tokens / t_theirs, 1),
+               ratio=round(t_theirs / t_ours, 3),
+               ours_peak_fraction=round(n_tokens * flops_per_tok / t_ours / peak, 4),
+               transformers_peak_fraction=round(n_tokens * flops_per_tok / t_theirs / peak, 4),
+               matmul_peak_gflops=round(peak / 1e9, 1), transformers_attention=theirs.attention,
+               threads=torch.get_num_threads())
+
+    R = args.repeats
+    if "train" in args.figures:
+        x = tokens(args.batch, args.seq_len)
+        xj = jnp.asarray(x, jnp.int32)
+        emit("train", x.size, best_seconds(lambda: ours.train(xj), R),
+             best_seconds(lambda: theirs.train(x), R),
+             flops_per_token(config, args.seq_len, include_mtp=False),
+             args.batch, f"{args.batch}x{args.seq_len}")
+    length = args.context + max(args.steps, args.new_tokens) + 1
+    if "prefill" in args.figures:
+        x = tokens(1, args.context)
+        xj = jnp.asarray(x, jnp.int32)
+        emit("prefill", x.size, best_seconds(lambda: ours.prefill(xj, length), R),
+             best_seconds(lambda: theirs.prefill(x), R), forward(args.context), 1,
+             f"1x{args.context}")
+    if "decode" in args.figures:
+        for b in args.decode_batch:
+            x = tokens(b, args.context)
+            xj = jnp.asarray(x, jnp.int32)
+            # each measurement decodes `steps` tokens from a fresh prefill (not timed)
+            t_ours = best_seconds(lambda cache, t: ours.decode(cache, t, args.context, args.steps),
+                                  R, lambda: ours.prefill(xj, length))
+            t_theirs = best_seconds(lambda cache, t: theirs.decode(cache, t, args.steps), R,
+                                    lambda: theirs.prefill(x))
+            emit("decode", b * args.steps, t_ours, t_theirs, forward(2 * args.context - 1), b,
+                 f"{b}x{args.context}+{args.steps} steps")
+    if "generate" in args.figures:
+        x = tokens(1, args.context)
+        xj = jnp.asarray(x, jnp.int32)
+        emit("generate", args.new_tokens, best_seconds(lambda: ours.generate(xj, args.new_tokens),
+                                                       R),
+             best_seconds(lambda: theirs.generate(x, args.new_tokens), R),
+             forward(2 * args.context - 1), 1, f"1x{args.context}+{args.new_tokens}")
+
+
+if __name__ == "__main__":
+    main()

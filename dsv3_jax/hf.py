@@ -349,7 +349,8 @@ def _check_checkpoint_dir(path: str) -> None:
                                 f"{', …' if len(os.listdir(path)) > 5 else ''})")
 
 
-def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[ModelConfig, dict]:
+def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False,
+                       device="default") -> tuple[ModelConfig, dict]:
     """Loads an HF DeepSeek-V3 checkpoint directory.
 
     Args:
@@ -361,9 +362,13 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
       drop_mtp: load without the MTP module(s) and return num_nextn_predict_layers=0. Needed
         for checkpoints written by transformers' `save_pretrained`, which drops the MTP layer
         while keeping num_nextn_predict_layers in config.json; any MTP tensors are skipped.
+      device: where the arrays go — "default" (the default device, once: jitted calls then
+        never copy host → device again), "host" (NumPy arrays, e.g. to place them yourself
+        with `jax.device_put(variables, shardings)` across a mesh), or anything
+        `jax.device_put` takes (a Device, a Sharding, or a pytree of them).
     Returns:
-      (config, variables): variables = {'params', 'moe_bias'} as host numpy arrays, the
-      structure of `nn.unbox(DeepSeekV3(config).init(...))`; usable directly in
+      (config, variables): variables = {'params', 'moe_bias'}, the structure of
+      `nn.unbox(DeepSeekV3(config).init(...))`; usable directly in
       `DeepSeekV3(config).apply(variables, tokens)`.
     Raises:
       FileNotFoundError: no such directory (a hub id must be downloaded first), an empty one,
@@ -381,6 +386,9 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
                                                              (FP8_BLOCK, FP8_BLOCK)))
     if dtype is not None:
         config = config.replace(param_dtype=dtype)  # ModelConfig normalizes/validates
+    if isinstance(device, str) and device not in ("default", "host"):
+        raise ValueError(f"device must be 'default', 'host', a jax Device or Sharding; got "
+                         f"{device!r}")
     reader = _Reader(path)
     try:
         L = config.num_hidden_layers
@@ -422,7 +430,10 @@ def load_hf_checkpoint(path, dtype=None, *, drop_mtp: bool = False) -> tuple[Mod
     unfilled = [p for p, n in written.items() if n != leaves[p].size]
     if unfilled:  # a layout/model mismatch, not a checkpoint problem
         raise AssertionError(f"hf_layout leaves {unfilled} (partly) unwritten")
-    return config, traverse_util.unflatten_dict(leaves)
+    variables = traverse_util.unflatten_dict(leaves)
+    if device == "host":
+        return config, variables
+    return config, jax.device_put(variables, None if device == "default" else device)
 
 
 def save_hf_checkpoint(path, config: ModelConfig, variables, max_shard_bytes: int = 5 * 2**30,

@@ -501,3 +501,20 @@ def test_layout_covers_every_leaf_once():
                         slab = leaves[p.path].shape[len(p.index):]
                         covered[p.path] += math.prod(slab)
             assert covered == {p: math.prod(a.shape) for p, a in leaves.items()}
+
+
+def test_load_places_arrays_once(tiny_saved):
+    """load_hf_checkpoint: device arrays by default (a jitted call copies nothing host→device),
+    NumPy with device='host', a given Sharding honoured, a bad device named."""
+    config, variables, path = tiny_saved
+    _, on_device = load_hf_checkpoint(path)
+    leaves = jax.tree.leaves(on_device)
+    assert all(isinstance(a, jax.Array) and a.devices() == {jax.devices()[0]} for a in leaves)
+    _, on_host = load_hf_checkpoint(path, device="host")
+    assert all(type(a) is np.ndarray for a in jax.tree.leaves(on_host))
+    assert_trees_equal(on_host, on_device)
+    last = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
+    _, placed = load_hf_checkpoint(path, device=last)
+    assert all(a.sharding == last for a in jax.tree.leaves(placed))
+    with pytest.raises(ValueError, match="device must be 'default', 'host'"):
+        load_hf_checkpoint(path, device="gpu0")

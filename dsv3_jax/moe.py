@@ -191,10 +191,18 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
     """[P, b, D] token blocks, block p through expert block_expert[p] of
     weights = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's kernels gathered.
     The projections run under the config's FP8 recipe (one GEMM state per expert tensor)."""
-    gate, up, down = (Weight(w.kernel[block_expert], w.fp8_state) for w in weights)
-    g = project("PbD,PDF->PbF", x_blocks, gate, config)
-    u = project("PbD,PDF->PbF", x_blocks, up, config)
-    return project("PbF,PFD->PbD", jax.nn.silu(g) * u, down, config)
+    def run(x_blocks, kernels, states):
+        gate, up, down = (Weight(k[block_expert], s) for k, s in zip(kernels, states))
+        g = project("PbD,PDF->PbF", x_blocks, gate, config)
+        u = project("PbD,PDF->PbF", x_blocks, up, config)
+        return project("PbF,PFD->PbD", jax.nn.silu(g) * u, down, config)
+
+    # The gathered kernels ([P, D, F] each, ~D·F/b values per routed row) are gathered again
+    # in the backward pass rather than kept: under the layer scan, keeping them costs a
+    # zero-filled [L, P, D, F] stack written and read once each.
+    regather = jax.checkpoint(run, policy=lambda prim, *_, **__: prim.name != "gather")
+    return regather(x_blocks, tuple(w.kernel for w in weights),
+                    tuple(w.fp8_state for w in weights))
 
 
 def per_token_swiglu(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, ...],

@@ -26,6 +26,8 @@ def _config(**mesh):
                    qk_nope_head_dim=128, qk_rope_head_dim=128, v_head_dim=128, vocab_size=1024,
                    num_hidden_layers=2)
     c.batch_size, c.seq_len = 16, 32
+    # The padded-blocks program ("auto" would pick "ragged" for a TPU: tested on its own below).
+    c.model.moe_impl = "blocks"
     for axis, size in mesh.items():
         c.mesh[axis] = size
     return c
@@ -90,6 +92,30 @@ def test_pipelined_step_compiles_with_point_to_point_transfers():
     # model's FLOPs, at most the recompute-everything pipeline's few times that
     assert 0.95 < report["flops_per_step"] / report["model_flops_per_step"] < 10.0
     assert "collective-permute" in aot.format_report(report)
+
+
+@pytest.mark.slow
+def test_ragged_expert_parallel_step_compiles_with_ragged_all_to_all():
+    """moe_impl "auto" on a TPU slice is the ragged path: data 1 x expert 4 on v5p 2x2x1 moves
+    tokens with ragged-all-to-all (out and back, forward and backward, plus the overflow
+    rounds' while loops) and computes them with the TPU ragged-dot kernel. Its matmul FLOPs
+    are at least the model's; above them by remat and the weight gradients, which compile to
+    convolutions dense over the El = 4 local experts."""
+    config = _config(expert=4)
+    config.model.moe_impl = "auto"
+    chip, chips = tpu.parse_topology("v5p:2x2x1")
+    devices = tpu.tpu_devices("v5p:2x2x1")
+    compiled, model, _, _ = aot.compile_train_step(config, devices)
+    hlo = compiled.as_text()
+    assert "ragged-dot" in hlo
+    report = aot.analyze(compiled, config, model, chip, chips, len(devices))
+    ragged = report["collectives"]["ragged-all-to-all"]
+    # per MoE layer (1 scanned + 1 MTP): out and back in round 0 and in the extra rounds'
+    # forward loop, and the backward's
+    assert ragged["count"] > 0 and ragged["bytes_per_step"] > 0, report["collectives"]
+    assert report["communication_seconds"]["ragged-all-to-all"] > 0
+    assert report["fits"] and 0.95 < report["flops_per_step"] / report["model_flops_per_step"]
+    assert "ragged-all-to-all" in aot.format_report(report)
 
 
 def _check_roofline(report, chip, mesh):

@@ -21,6 +21,9 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
     "moe_decode": (["--preset", "tiny", "--context", "32"], {
         "benchmark", "preset", "context", "batch", "model_picks", "gathered_ms", "blocks_ms",
         "blocks_over_gathered", "backend"}),
+    "moe_impls": (["--dry_run"], {
+        "benchmark", "preset", "blocks_ms", "ragged_ms", "ragged_over_blocks", "max_rel_diff",
+        "backend", "device", "tokens", "batch", "seq_len"}),
     "moe_vs_dense": (["--preset", "tiny", "--tokens", "512", "--capacity_factor", "1.25"], {
         "benchmark", "preset", "tokens", "experts", "top_k", "mode", "moe_ms", "dense_ms",
         "ratio", "backend"}),
@@ -71,6 +74,9 @@ def test_benchmark_smoke(name):
     elif name == "moe_decode":  # tiny: 1 token x K 4 x 8 <= E 16 x b 16
         assert record["model_picks"] == "gathered"
         assert min(record["gathered_ms"], record["blocks_ms"]) > 0
+    elif name == "moe_impls":  # the dry run: tiny preset, fp32, blocks vs ragged agree
+        assert [r["benchmark"] for r in lines] == ["moe_layer_fwd_bwd", "train_step"]
+        assert all(r["max_rel_diff"] < 1e-5 and r["ragged_over_blocks"] > 0 for r in lines)
     elif name == "speculative":
         assert (record["model"], record["batch"], record["max_new_tokens"]) == ("tiny", 1, 8)
         assert record["weights"].startswith("random") and record["identical"] is True
@@ -95,3 +101,11 @@ def test_benchmark_smoke(name):
         assert record["moe_ms"] > 0 and record["dense_ms"] > 0
         assert record["ratio"] == pytest.approx(record["moe_ms"] / record["dense_ms"],
                                                 rel=0.02)
+
+
+def test_accelerator_script_refuses_a_cpu_without_dry_run():
+    """benchmarks/accelerator.sh runs benchmarks.moe_impls (smoke-tested above with --dry_run)
+    only where a TPU or GPU is attached, unless told --dry_run."""
+    r = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and "no TPU or GPU attached" in r.stderr, r.stderr[-2000:]

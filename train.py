@@ -143,10 +143,12 @@ def main(argv):
             raise run_config.ConfigError(f"config.mesh: {e}") from None
         # "bpe:N": trained here on the training split, or the workdir's from a previous start.
         documents = data.read_documents(config.data)
+        t_tokenizer = time.perf_counter()
         tokenizer, new_tokenizer = tokenizer_lib.run_tokenizer(
             config.data.tokenizer, workdir,
             lambda: documents.train_texts(config.data.heldout_fraction),
             resuming=bool(checkpoint.saved_steps(workdir)))
+        t_tokenizer = time.perf_counter() - t_tokenizer
         corpus = data.load_corpus(config.data, tokenizer, documents)
         train_ds = data.train_dataset(
             corpus.train, seq_len=config.seq_len, global_batch=config.batch_size,
@@ -156,6 +158,10 @@ def main(argv):
         cli.fail(_PROG, str(e))
     print(f"data: {corpus.description}; {len(corpus.train):,} train tokens, "
           f"{len(corpus.heldout):,} held-out tokens", flush=True)
+    if new_tokenizer:
+        print(f"tokenizer: {tokenizer.name} trained on the training split in {t_tokenizer:.1f} s "
+              f"({tokenizer.vocab_size:,} ids; {1 / corpus.heldout_tokens_per_byte:.2f} held-out "
+              f"bytes per token)", flush=True)
     if stop.requested:
         print(f"stopped before starting ({stop.signal_name} received); nothing was written",
               flush=True)

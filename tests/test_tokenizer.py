@@ -74,6 +74,8 @@ def test_round_trip_every_heldout_file_and_invalid_utf8(bpe, stdlib_documents):
     # str input is its UTF-8 bytes.
     assert bpe.decode_bytes(bpe.encode("def café():\n")) == "def café():\n".encode()
     assert bpe.decode(bpe.encode(b"ok \xff")) == "ok \ufffd"  # display only: replacement
+    # Ids of the model's padding rows (vocab 600 padded to 640) decode to nothing.
+    assert bpe.decode_bytes([*bpe.encode(b"a"), VOCAB, bpe.padded_vocab_size - 1]) == b"a"
 
 
 def test_corpus_stream_decodes_to_the_files_bytes(bpe, tmp_path):

@@ -189,8 +189,11 @@ class ByteBPETokenizer:
         return [np.asarray(e.ids, np.int32) for e in out]
 
     def decode_bytes(self, ids) -> bytes:
-        """The bytes the ids stand for (separators dropped): exactly the input's bytes."""
-        return b"".join(self._bytes[int(i)] for i in np.asarray(ids).reshape(-1))
+        """The bytes the ids stand for (separators dropped): exactly the input's bytes. Ids
+        beyond the vocabulary (a model's padding rows can emit them) stand for nothing."""
+        n = self.vocab_size
+        return b"".join(self._bytes[i] for i in map(int, np.asarray(ids).reshape(-1))
+                        if 0 <= i < n)
 
     def decode(self, ids) -> str:
         """For display: decode_bytes as UTF-8, invalid bytes shown as U+FFFD."""

@@ -61,6 +61,35 @@ class LatentCache:
         return LatentCache(at(self.c_kv, c_kv), at(self.k_pe, k_pe))
 
 
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's place in a stacked cache: the whole [L, B, S, ·] LatentCache and the layer's
+    index in it. A layer scan carries the stack, so a decode step writes its new entries into
+    it in place instead of slicing each layer's cache out and stacking it again."""
+
+    stack: LatentCache  # [L, B, S, ·]
+    layer: jax.Array  # scalar int32
+
+    def write(self, c_kv: jax.Array, k_pe: jax.Array, index: jax.Array) -> LayerCache:
+        """`LatentCache.write` into layer `self.layer` of the stack."""
+        index = jnp.asarray(index)
+
+        def at(buf, new):  # buf [L, B, S, ·], new [B, T, ·]
+            new = new.astype(buf.dtype)[None]
+            if index.ndim == 0:
+                return jax.lax.dynamic_update_slice(buf, new, (self.layer, 0, index, 0))
+            return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (self.layer, i, 0)),
+                            in_axes=(1, 1, 0), out_axes=1)(buf, new, index)
+
+        return LayerCache(LatentCache(at(self.stack.c_kv, c_kv), at(self.stack.k_pe, k_pe)),
+                          self.layer)
+
+    def view(self) -> LatentCache:
+        """This layer's LatentCache [B, S, ·]."""
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, 0, False),
+                            self.stack)
+
+
 class MLA(nn.Module):
     """Multi-head latent attention. See the module docstring for the algebra."""
 
@@ -110,8 +139,9 @@ class MLA(nn.Module):
 
         Args:
           x: [B, T, D] inputs; positions: [B, T] their absolute positions.
-          cache: None for training (attend within x). Otherwise this layer's LatentCache, into
-            which the new latents are written at `cache_index` (a scalar, or [B]: per row).
+          cache: None for training (attend within x). Otherwise this layer's LatentCache (or
+            its LayerCache place in a stacked one), into which the new latents are written at
+            `cache_index` (a scalar, or [B]: per row).
           absorb: with a cache, attend over the whole cache through the absorbed path
             (decode, speculative verification); without, attend within x only (prefill at 0).
         Returns:
@@ -123,14 +153,15 @@ class MLA(nn.Module):
         if cache is not None:
             cache = cache.write(c_kv, k_pe, cache_index)
         if cache is not None and absorb:
-            S = cache.c_kv.shape[1]
+            view = cache.view() if isinstance(cache, LayerCache) else cache
+            S = view.c_kv.shape[1]
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
             q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
-            scores = (product("BNTC,BSC->BNTS", q_latent, cache.c_kv, dtype)
-                      + product("BNTR,BSR->BNTS", q_pe, cache.k_pe, dtype))
+            scores = (product("BNTC,BSC->BNTS", q_latent, view.c_kv, dtype)
+                      + product("BNTR,BSR->BNTS", q_pe, view.k_pe, dtype))
             probs = _masked_softmax(scores, mask, self.config)
-            out_latent = product("BNTS,BSC->BNTC", probs, cache.c_kv, dtype)
+            out_latent = product("BNTS,BSC->BNTC", probs, view.c_kv, dtype)
             out = self.kv_b_proj_v("BNTC,CNA->BNTA", out_latent)
         else:
             k_nope = self.kv_b_proj_k("BSC,CNH->BNSH", c_kv)

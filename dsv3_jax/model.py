@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, dtype_of, logically_partitioned, remat_policy
-from dsv3_jax.mla import MLA, LatentCache
+from dsv3_jax.mla import MLA, LatentCache, LayerCache
 from dsv3_jax.moe import MoE
 
 
@@ -62,13 +62,27 @@ class Block(nn.Module):
         return x, (cache, counts, balance)
 
 
+class _CarriedBlock(Block):
+    """A Block whose scan carry is (x, the stack's whole decode cache or None), and whose
+    scanned inputs are (its correction bias, its layer index): the layer writes into the
+    carried cache in place (`LayerCache`). Same parameters as Block (a subclass, no scope)."""
+
+    def __call__(self, carry, positions, cache_index, bias, layer):
+        x, stack = carry
+        cache = None if stack is None else LayerCache(stack, layer)
+        x, (cache, counts, balance) = super().__call__(x, positions, cache_index, bias, cache)
+        return (x, None if cache is None else cache.stack), (counts, balance)
+
+
 def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str):
-    """`length` Blocks as one nn.scan with a leading `layers` axis on every parameter."""
-    block = Block
+    """`length` Blocks as one nn.scan with a leading `layers` axis on every parameter, called
+    as stack((x, cache or None), positions, cache_index, bias [L, E] or None) →
+    ((x, cache), (counts, balance))."""
+    block = _CarriedBlock
     policy = remat_policy(config.remat_policy)
     if policy is not None:
-        block = nn.remat(Block, policy=policy, prevent_cse=False)
-    return nn.scan(
+        block = nn.remat(_CarriedBlock, policy=policy, prevent_cse=False)
+    scan = nn.scan(
         block,
         variable_axes={"params": 0, "fp8": 0},  # per-layer FP8 scaling state, like params
         split_rngs={"params": True},
@@ -76,6 +90,8 @@ def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str)
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(config, moe, absorb, name=name)
+    return lambda carry, positions, cache_index, bias: scan(
+        carry, positions, cache_index, bias, jnp.arange(length, dtype=jnp.int32))
 
 
 class MTPModule(nn.Module):
@@ -134,15 +150,15 @@ class DeepSeekV3(nn.Module):
         get = lambda key: None if cache is None else cache[key]
 
         if c.num_dense_layers:
-            x, (new, _, _) = _stack(c, False, absorb, c.num_dense_layers, "dense_layers")(
-                x, positions, cache_index, None, get("dense"))
+            (x, new), _ = _stack(c, False, absorb, c.num_dense_layers, "dense_layers")(
+                (x, get("dense")), positions, cache_index, None)
             if cache is not None:
                 cache["dense"] = new
         counts, balance = [], []
         if c.num_moe_layers:
-            x, (new, layer_counts, layer_balance) = _stack(
+            (x, new), (layer_counts, layer_balance) = _stack(
                 c, True, absorb, c.num_moe_layers, "moe_layers")(
-                x, positions, cache_index, bias[:c.num_moe_layers], get("moe"))
+                (x, get("moe")), positions, cache_index, bias[:c.num_moe_layers])
             counts.append(layer_counts)
             balance.append(layer_balance)
             if cache is not None:

@@ -160,7 +160,9 @@ def remat_case():
             return ce + 0.1 * out.balance_loss
 
         grad_fn = jax.value_and_grad(loss)
-        rematerialized = "remat" in str(jax.make_jaxpr(grad_fn)(params))
+        # the blocks' remat (prevent_cse=False); the MoE's own re-gather of expert kernels
+        # (moe.grouped_swiglu) is a checkpoint with the default prevent_cse=True
+        rematerialized = "prevent_cse=False" in str(jax.make_jaxpr(grad_fn)(params))
         return jax.jit(grad_fn)(params), rematerialized
 
     reference, rematerialized = loss_and_grads("none")

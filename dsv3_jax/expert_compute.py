@@ -14,8 +14,8 @@ sorted by expert, M = N·K here):
     described TPU slice for an AOT compile), else JAX's default backend. Each resolution is
     logged once.
 
-The ragged path calls `jax.lax.ragged_dot` directly, not `layers.project`: its operands are cast
-to the compute dtype and accumulated in fp32 like `project` does, and no precision recipe
+The ragged path calls `jax.lax.ragged_dot` directly, not `layers.project`: its operands and
+outputs are in the compute dtype (the kernels accumulate in fp32), and no precision recipe
 applies (config validation refuses moe_impl="ragged" with an FP8 recipe).
 """
 
@@ -91,9 +91,14 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
     gate, up, down = (w.kernel.astype(dtype) for w in weights)
 
     def gemm(x, w):
-        out = jax.lax.ragged_dot(x.astype(dtype), w, group_sizes,
-                                 preferred_element_type=jnp.float32)
-        return out.astype(dtype)
+        # Out in the compute dtype (accumulated in fp32 by the kernels): an fp32 out would give
+        # the backward pass fp32 cotangents against compute-dtype operands, a mixed-type
+        # ragged_dot that TPU's Mosaic kernel refuses ("Bad rhs type").
+        # A narrower compute dtype multiplies at its own precision: an inherited "highest"
+        # (fp32 contract precision) on bf16 operands is another refusal of the TPU kernel.
+        precision = None if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+        return jax.lax.ragged_dot(x.astype(dtype), w, group_sizes, precision=precision,
+                                  preferred_element_type=dtype)
 
     return gemm(jax.nn.silu(gemm(rows, gate)) * gemm(rows, up), down)
 

@@ -197,12 +197,14 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
         u = project("PbD,PDF->PbF", x_blocks, up, config)
         return project("PbF,PFD->PbD", jax.nn.silu(g) * u, down, config)
 
+    kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
+    if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
+        return run(x_blocks, kernels, states)
     # The gathered kernels ([P, D, F] each, ~D·F/b values per routed row) are gathered again
     # in the backward pass rather than kept: under the layer scan, keeping them costs a
     # zero-filled [L, P, D, F] stack written and read once each.
     regather = jax.checkpoint(run, policy=lambda prim, *_, **__: prim.name != "gather")
-    return regather(x_blocks, tuple(w.kernel for w in weights),
-                    tuple(w.fp8_state for w in weights))
+    return regather(x_blocks, kernels, states)
 
 
 def per_token_swiglu(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, ...],

@@ -35,15 +35,22 @@ def bench_config(name: str, **overrides) -> ModelConfig:
     return ModelConfig.preset(name, **overrides)
 
 
-def seconds_per_call(fn, *args, repeats: int = 5) -> float:
-    """Median wall seconds of fn(*args) after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))
+def median_seconds(fn, repeats: int = 5, setup=lambda: ()) -> float:
+    """Median wall seconds of fn(*setup()) after one warm-up call; setup() is not timed. fn
+    must block until its result is ready (a jax call: see `seconds_per_call`)."""
+    fn(*setup())
     times = []
     for _ in range(repeats):
+        state = setup()
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        fn(*state)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def seconds_per_call(fn, *args, repeats: int = 5) -> float:
+    """Median wall seconds of the jax call fn(*args) after one warm-up (compile) call."""
+    return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def report(**fields) -> None:

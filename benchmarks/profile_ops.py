@@ -23,11 +23,11 @@ import tempfile
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from benchmarks.common import bench_config, report
 from dsv3_jax import DeepSeekV3
 from dsv3_jax.model import init_cache, init_variables
+from dsv3_jax.training.step import cross_entropy
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*?\b([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
@@ -118,8 +118,7 @@ def figure_call(figure: str, config, batch: int, seq_len: int, context: int):
     if figure == "train":
         def loss(params, x):
             out = net.apply({**variables, "params": params}, x)
-            logp = jax.nn.log_softmax(out.logits[:, :-1])
-            return -jnp.take_along_axis(logp, x[:, 1:, None], -1).mean() + out.balance_loss
+            return cross_entropy(out.logits[:, :-1], x[:, 1:]).mean() + out.balance_loss
         return jax.jit(jax.value_and_grad(loss)), (variables["params"], tokens(batch, seq_len))
     prefill = jax.jit(lambda v, x: net.apply(v, x, cache=init_cache(config, x.shape[0],
                                                                     context + 1),

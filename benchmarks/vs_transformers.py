@@ -24,31 +24,18 @@ from __future__ import annotations
 import argparse
 import functools
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import bench_config, report
+from benchmarks.common import bench_config, median_seconds, report
 from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.accounting import flops_per_token
 from dsv3_jax.model import init_cache, init_variables
+from dsv3_jax.training.step import cross_entropy
 
 FIGURES = ("train", "prefill", "decode", "generate")
-
-
-def best_seconds(fn, repeats: int, setup=lambda: ()) -> float:
-    """Median wall seconds of fn(*setup()) after one warm-up call; setup() is not timed (fn
-    blocks until its result is ready)."""
-    fn(*setup())
-    times = []
-    for _ in range(repeats):
-        state = setup()
-        start = time.perf_counter()
-        fn(*state)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def matmul_peak(torch) -> float:
@@ -56,9 +43,9 @@ def matmul_peak(torch) -> float:
     n = 2048
     a = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(lambda a: a @ a)
-    t_jax = best_seconds(lambda: mm(a).block_until_ready(), 5)
+    t_jax = median_seconds(lambda: mm(a).block_until_ready(), 5)
     ta = torch.randn(n, n)
-    t_torch = best_seconds(lambda: ta @ ta, 5)
+    t_torch = median_seconds(lambda: ta @ ta, 5)
     return 2 * n ** 3 / min(t_jax, t_torch)
 
 
@@ -104,8 +91,7 @@ class Ours:
 
         def loss(params, tokens):
             logits = net.apply({**self.variables, "params": params}, tokens, mtp=False).logits
-            logp = jax.nn.log_softmax(logits[:, :-1])
-            return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+            return cross_entropy(logits[:, :-1], tokens[:, 1:]).mean()
 
         self._grad = jax.jit(jax.value_and_grad(loss))
 
@@ -180,34 +166,35 @@ def main():
     if "train" in args.figures:
         x = tokens(args.batch, args.seq_len)
         xj = jnp.asarray(x, jnp.int32)
-        emit("train", x.size, best_seconds(lambda: ours.train(xj), R),
-             best_seconds(lambda: theirs.train(x), R),
+        emit("train", x.size, median_seconds(lambda: ours.train(xj), R),
+             median_seconds(lambda: theirs.train(x), R),
              flops_per_token(config, args.seq_len, include_mtp=False),
              args.batch, f"{args.batch}x{args.seq_len}")
     length = args.context + max(args.steps, args.new_tokens) + 1
     if "prefill" in args.figures:
         x = tokens(1, args.context)
         xj = jnp.asarray(x, jnp.int32)
-        emit("prefill", x.size, best_seconds(lambda: ours.prefill(xj, length), R),
-             best_seconds(lambda: theirs.prefill(x), R), forward(args.context), 1,
+        emit("prefill", x.size, median_seconds(lambda: ours.prefill(xj, length), R),
+             median_seconds(lambda: theirs.prefill(x), R), forward(args.context), 1,
              f"1x{args.context}")
     if "decode" in args.figures:
         for b in args.decode_batch:
             x = tokens(b, args.context)
             xj = jnp.asarray(x, jnp.int32)
             # each measurement decodes `steps` tokens from a fresh prefill (not timed)
-            t_ours = best_seconds(lambda cache, t: ours.decode(cache, t, args.context, args.steps),
-                                  R, lambda: ours.prefill(xj, length))
-            t_theirs = best_seconds(lambda cache, t: theirs.decode(cache, t, args.steps), R,
+            t_ours = median_seconds(
+                lambda cache, t: ours.decode(cache, t, args.context, args.steps), R,
+                lambda: ours.prefill(xj, length))
+            t_theirs = median_seconds(lambda cache, t: theirs.decode(cache, t, args.steps), R,
                                     lambda: theirs.prefill(x))
             emit("decode", b * args.steps, t_ours, t_theirs, forward(2 * args.context - 1), b,
                  f"{b}x{args.context}+{args.steps} steps")
     if "generate" in args.figures:
         x = tokens(1, args.context)
         xj = jnp.asarray(x, jnp.int32)
-        emit("generate", args.new_tokens, best_seconds(lambda: ours.generate(xj, args.new_tokens),
+        emit("generate", args.new_tokens, median_seconds(lambda: ours.generate(xj, args.new_tokens),
                                                        R),
-             best_seconds(lambda: theirs.generate(x, args.new_tokens), R),
+             median_seconds(lambda: theirs.generate(x, args.new_tokens), R),
              forward(2 * args.context - 1), 1, f"1x{args.context}+{args.new_tokens}")
 
 

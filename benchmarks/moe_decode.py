@@ -1,5 +1,5 @@
-"""One full-model decode step after a prompt: routed experts gathered per token vs filling E
-padded expert blocks, in one run.
+"""One full-model decode step after a prompt: the routed experts' few-token path the model
+picks (`moe.few_token_path`: "sliced" or "dense") vs filling E padded expert blocks, in one run.
 
     python -m benchmarks.moe_decode [--preset bench] [--context 1024] [--batch 1]
 
@@ -35,20 +35,20 @@ def main():
     cache = jax.jit(lambda v, p: net.apply(v, p, cache=init_cache(c, args.batch, args.context + 1),
                                            cache_index=0, mtp=False).cache)(variables, prompt)
     token = prompt[:, -1:]
-    chosen = moe.gathers_experts(args.batch, c)
+    chosen = moe.few_token_path(args.batch, c) or "blocks"
     times = {}
-    for path, gathers in (("gathered", moe.gathers_experts), ("blocks", lambda n, config: False)):
-        original, moe.gathers_experts = moe.gathers_experts, gathers
+    for path, pick in (("picked", moe.few_token_path), ("blocks", lambda n, config: None)):
+        original, moe.few_token_path = moe.few_token_path, pick
         try:  # a fresh function per path, so each is traced with its own choice
             step = jax.jit(lambda v, t, cache: net.apply(
                 v, t, cache=cache, cache_index=args.context, absorb=True, mtp=False).logits)
             times[path] = seconds_per_call(step, variables, token, cache) * 1e3
         finally:
-            moe.gathers_experts = original
+            moe.few_token_path = original
     report(benchmark="moe_decode_step", preset=args.preset, context=args.context,
-           batch=args.batch, model_picks="gathered" if chosen else "blocks",
-           gathered_ms=round(times["gathered"], 3), blocks_ms=round(times["blocks"], 3),
-           blocks_over_gathered=round(times["blocks"] / times["gathered"], 2),
+           batch=args.batch, model_picks=chosen,
+           picked_ms=round(times["picked"], 3), blocks_ms=round(times["blocks"], 3),
+           blocks_over_picked=round(times["blocks"] / times["picked"], 2),
            backend=jax.default_backend())
 
 

@@ -19,8 +19,8 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
         "full_per_head_cache_ms", "full_latent_over_absorbed", "per_head_over_absorbed",
         "cache_bytes_per_token_bf16", "backend"}),
     "moe_decode": (["--preset", "tiny", "--context", "32"], {
-        "benchmark", "preset", "context", "batch", "model_picks", "gathered_ms", "blocks_ms",
-        "blocks_over_gathered", "backend"}),
+        "benchmark", "preset", "context", "batch", "model_picks", "picked_ms", "blocks_ms",
+        "blocks_over_picked", "backend"}),
     "moe_impls": (["--dry_run"], {
         "benchmark", "preset", "blocks_ms", "ragged_ms", "ragged_over_blocks", "max_rel_diff",
         "backend", "device", "tokens", "batch", "seq_len"}),
@@ -71,9 +71,9 @@ def test_benchmark_smoke(name):
                    record["full_per_head_cache_ms"]) > 0
         # tiny: C = 32 latent + R = 8 rope values vs 4 heads x (16 + 8 + 16), bf16
         assert record["cache_bytes_per_token_bf16"] == {"latent": 80, "per_head": 320}
-    elif name == "moe_decode":  # tiny: 1 token x K 4 x 8 <= E 16 x b 16
-        assert record["model_picks"] == "gathered"
-        assert min(record["gathered_ms"], record["blocks_ms"]) > 0
+    elif name == "moe_decode":  # tiny: 2 · 1 token · K 4 <= E 16
+        assert record["model_picks"] == "sliced"
+        assert min(record["picked_ms"], record["blocks_ms"]) > 0
     elif name == "moe_impls":  # the dry run: tiny preset, fp32, blocks vs ragged agree
         assert [r["benchmark"] for r in lines] == ["moe_layer_fwd_bwd", "train_step"]
         assert all(r["max_rel_diff"] < 1e-5 and r["ragged_over_blocks"] > 0 for r in lines)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import ModelConfig
-from dsv3_jax.moe import MoE, gathers_experts, plan_slots, route, sequence_balance_loss
+from dsv3_jax import ModelConfig, moe
+from dsv3_jax.moe import MoE, plan_slots, route, sequence_balance_loss
 
 
 def _logit(p):
@@ -155,27 +155,37 @@ def test_sequence_balance_loss_matches_formula():
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
 
-def test_a_few_tokens_gather_their_experts_and_match_the_loop_and_blocks():
-    """Decode-sized inputs (N·K·8 ≤ E·b) take the per-token path: outputs equal the per-expert
-    loop, gradients equal the dropless blocks path (block 1, which never gathers)."""
-    c = ModelConfig.preset("tiny")  # E 16 × b 16 = 256 ≥ 8 × 4 tokens × K 4
-    blocks = ModelConfig.preset("tiny", expert_block_size=1)
-    assert gathers_experts(4, c) and not gathers_experts(4, blocks)
-    assert not gathers_experts(48, c)  # the other tests' 2 × 24 tokens use blocks
-    params, x, bias = _moe_setup(c, B=2, T=2)
-    y, counts, _ = jax.jit(lambda p, x, b: MoE(c).apply({"params": p}, x, b))(params, x, bias)
+@pytest.mark.parametrize("preset, B, T, path", [
+    ("tiny", 1, 2, "sliced"), ("tiny", 2, 2, "dense"), ("small", 1, 4, "sliced"),
+    ("small", 4, 8, "dense")])
+def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T, path,
+                                                                    monkeypatch):
+    """Decode-sized inputs take the few-token paths (`few_token_path`): "sliced" (each
+    assignment's kernels indexed out) and "dense" (every expert, masked). Outputs equal the
+    per-expert loop (rtol 1e-4); outputs and gradients wrt params and input equal the dropless
+    blocks path forced on the same tokens (max |Δ| ≤ 1e-5 · max |blocks|)."""
+    c = ModelConfig.preset(preset)
+    assert moe.few_token_path(B * T, c) == path
+    assert moe.few_token_path(48, ModelConfig.preset("tiny")) is None  # other tests: blocks
+    params, x, bias = _moe_setup(c, B=B, T=T)
+    probe = jax.random.normal(jax.random.key(9), x.shape)
+
+    def run():  # traced afresh: the monkeypatched choice applies
+        fwd = lambda p, x: MoE(c).apply({"params": p}, x, bias)
+        y, counts, _ = jax.jit(fwd)(params, x)
+        grads = jax.jit(jax.grad(lambda p, x: (fwd(p, x)[0] * probe).sum(), (0, 1)))(params, x)
+        return y, counts, grads
+
+    y, counts, grads = run()
     ref, ref_counts = _reference_moe(params, x, bias, c)
     np.testing.assert_array_equal(np.asarray(counts), ref_counts)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    probe = jax.random.normal(jax.random.key(9), x.shape)
-
-    def grads(config):
-        loss = lambda p, x: (MoE(config).apply({"params": p}, x, bias)[0] * probe).sum()
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-
-    for a, b in zip(jax.tree.leaves(grads(c)), jax.tree.leaves(grads(blocks)), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    monkeypatch.setattr(moe, "few_token_path", lambda tokens, config: None)
+    y_blocks, _, grads_blocks = run()
+    for a, b in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_blocks, grads_blocks)),
+                    strict=True):
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
 @pytest.mark.parametrize("preset, tokens, skewed", [
@@ -194,7 +204,7 @@ def test_ragged_equals_blocks_outputs_and_gradients(preset, tokens, skewed):
 
     def run(impl):
         config = c.replace(moe_impl=impl)
-        assert not gathers_experts(tokens, config)
+        assert moe.few_token_path(tokens, config) is None
         fwd = lambda p, x: MoE(config).apply({"params": p}, x, bias)
         y, counts, _ = jax.jit(fwd)(params, x)
         grads = jax.jit(jax.grad(lambda p, x: (fwd(p, x)[0] * probe).sum(), (0, 1)))(params, x)

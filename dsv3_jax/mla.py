@@ -29,6 +29,28 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, product
 from dsv3_jax.rope import apply_rope, softmax_scale
 
+# Rows up to which per-row cache writes (one index per sequence) are unrolled slice updates;
+# past it, one vmapped update (a scatter, which on XLA:CPU also transposes the stack to put
+# rows first).
+_UNROLLED_ROW_WRITES = 16
+
+
+def write_entries(buf: jax.Array, new: jax.Array, index: jax.Array, at: tuple = ()) -> jax.Array:
+    """buf [*at, B, S, ·] with new [B, T, ·] written at positions index .. index+T−1 of slot
+    `at` (leading indices, e.g. a layer of a stack), in place: `index` a scalar, or [B] with
+    one write per row. Like `dynamic_update_slice`, a window past the end is moved back."""
+    new = new.astype(buf.dtype).reshape((1,) * len(at) + new.shape)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, new, (*at, 0, index, 0))
+    rows = new.shape[len(at)]
+    if rows <= _UNROLLED_ROW_WRITES:
+        for b in range(rows):
+            row = jax.lax.slice_in_dim(new, b, b + 1, axis=len(at))
+            buf = jax.lax.dynamic_update_slice(buf, row, (*at, b, index[b], 0))
+        return buf
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (*at, i, 0)),
+                    in_axes=(len(at), len(at), 0), out_axes=len(at))(buf, new, index)
+
 
 @flax.struct.dataclass
 class LatentCache:
@@ -50,15 +72,8 @@ class LatentCache:
         `dynamic_update_slice`, a window running past the end is moved back to fit.
         """
         index = jnp.asarray(index)
-
-        def at(buf, new):
-            new = new.astype(buf.dtype)
-            if index.ndim == 0:
-                return jax.lax.dynamic_update_slice_in_dim(buf, new, index, axis=1)
-            return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice_in_dim(b, n, i, axis=0))(
-                buf, new, index)
-
-        return LatentCache(at(self.c_kv, c_kv), at(self.k_pe, k_pe))
+        return LatentCache(write_entries(self.c_kv, c_kv, index),
+                           write_entries(self.k_pe, k_pe, index))
 
 
 @flax.struct.dataclass
@@ -72,16 +87,9 @@ class LayerCache:
 
     def write(self, c_kv: jax.Array, k_pe: jax.Array, index: jax.Array) -> LayerCache:
         """`LatentCache.write` into layer `self.layer` of the stack."""
-        index = jnp.asarray(index)
-
-        def at(buf, new):  # buf [L, B, S, ·], new [B, T, ·]
-            new = new.astype(buf.dtype)[None]
-            if index.ndim == 0:
-                return jax.lax.dynamic_update_slice(buf, new, (self.layer, 0, index, 0))
-            return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (self.layer, i, 0)),
-                            in_axes=(1, 1, 0), out_axes=1)(buf, new, index)
-
-        return LayerCache(LatentCache(at(self.stack.c_kv, c_kv), at(self.stack.k_pe, k_pe)),
+        index, at = jnp.asarray(index), (self.layer,)
+        return LayerCache(LatentCache(write_entries(self.stack.c_kv, c_kv, index, at),
+                                      write_entries(self.stack.k_pe, k_pe, index, at)),
                           self.layer)
 
     def view(self) -> LatentCache:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import ModelConfig
-from dsv3_jax.mla import MLA, LatentCache
+from dsv3_jax.mla import MLA, LatentCache, write_entries
 from dsv3_jax.rope import apply_rope, inv_freq, softmax_scale
 
 
@@ -90,3 +90,24 @@ def test_chunked_causal_attention_equals_full_softmax():
         probs /= probs.sum(-1, keepdims=True)
         np.testing.assert_allclose(got, np.einsum("bnts,bnsa->bnta", probs, v), atol=2e-5,
                                    err_msg=f"T={T}")
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # unrolled per-row writes, and the vmapped update
+@pytest.mark.parametrize("at", [(), (1,)])  # a layer's own cache, and layer 1 of a stack
+def test_write_entries_matches_a_loop(rows, at):
+    """`mla.write_entries` against a NumPy loop: per-row indices (one near the end, where the
+    window moves back to fit, as dynamic_update_slice does) and a scalar index."""
+    S, T, C = 7, 2, 3
+    rng = np.random.default_rng(0)
+    buf = rng.normal(size=(2,) * len(at) + (rows, S, C)).astype(np.float32)
+    new = rng.normal(size=(rows, T, C)).astype(np.float32)
+    index = rng.integers(0, S, size=rows).astype(np.int32)
+    index[0] = S - 1  # runs past the end: written at S - T
+    for idx in (index, np.int32(2)):
+        expected = buf.copy()
+        for b in range(rows):
+            start = min(int(np.broadcast_to(idx, (rows,))[b]), S - T)
+            expected[at + (b, slice(start, start + T))] = new[b]
+        got = jax.jit(write_entries, static_argnums=3)(jnp.asarray(buf), jnp.asarray(new),
+                                                       jnp.asarray(idx), at)
+        np.testing.assert_array_equal(np.asarray(got), expected)

@@ -75,6 +75,10 @@ class LatentCache:
         return LatentCache(write_entries(self.c_kv, c_kv, index),
                            write_entries(self.k_pe, k_pe, index))
 
+    def view(self) -> LatentCache:
+        """The cache attention reads (`LayerCache.view`'s counterpart): itself."""
+        return self
+
 
 @flax.struct.dataclass
 class LayerCache:
@@ -161,7 +165,7 @@ class MLA(nn.Module):
         if cache is not None:
             cache = cache.write(c_kv, k_pe, cache_index)
         if cache is not None and absorb:
-            view = cache.view() if isinstance(cache, LayerCache) else cache
+            view = cache.view()
             S = view.c_kv.shape[1]
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]

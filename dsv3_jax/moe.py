@@ -188,16 +188,24 @@ def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
     return jnp.where(keep, rows, jnp.asarray(fill, x.dtype))
 
 
+def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, config: ModelConfig,
+           hidden=lambda h: h, out_dtype=None) -> jax.Array:
+    """down(silu(x·gate) ⊙ (x·up)) through `layers.project`: `into` the einsum of x with the
+    gate and up kernels, `out` that of the hidden units with the down kernel; `hidden` maps the
+    hidden units before the down projection. Every routed-expert path below is one of these."""
+    gate, up, down = weights
+    h = jax.nn.silu(project(into, x, gate, config)) * project(into, x, up, config)
+    return project(out, hidden(h), down, config, out_dtype=out_dtype)
+
+
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig) -> jax.Array:
     """[P, b, D] token blocks, block p through expert block_expert[p] of
     weights = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's kernels gathered.
     The projections run under the config's FP8 recipe (one GEMM state per expert tensor)."""
     def run(x_blocks, kernels, states):
-        gate, up, down = (Weight(k[block_expert], s) for k, s in zip(kernels, states))
-        g = project("PbD,PDF->PbF", x_blocks, gate, config)
-        u = project("PbD,PDF->PbF", x_blocks, up, config)
-        return project("PbF,PFD->PbD", jax.nn.silu(g) * u, down, config)
+        gathered = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
+        return swiglu(x_blocks, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config)
 
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
@@ -216,15 +224,10 @@ def sliced_swiglu(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, 
     speed, where a gather of the same kernels goes element by element) and applied to its token
     as vector-matrix products. [N, K, D] out. Cost ∝ N·K expert matrices: a decode step."""
     N, K = experts.shape
-    pick = lambda w, e: Weight(jax.lax.dynamic_index_in_dim(w.kernel, e, keepdims=False))
-    gate, up, down = weights
-    out = []
-    for n in range(N):
-        for k in range(K):
-            e = experts[n, k]
-            g = project("D,DF->F", tokens[n], pick(gate, e), config)
-            u = project("D,DF->F", tokens[n], pick(up, e), config)
-            out.append(project("F,FD->D", jax.nn.silu(g) * u, pick(down, e), config))
+    pick = lambda e: tuple(Weight(jax.lax.dynamic_index_in_dim(w.kernel, e, keepdims=False))
+                           for w in weights)
+    out = [swiglu(tokens[n], pick(experts[n, k]), "D,DF->F", "F,FD->D", config)
+           for n in range(N) for k in range(K)]
     return jnp.stack(out).reshape(N, K, -1)
 
 
@@ -233,15 +236,15 @@ def dense_swiglu(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...
     """[N, D] tokens through all E experts, each expert's hidden units kept only where the
     token chose it and scaled by its routing weight: the weighted [N, D] sum of the chosen
     experts, with plain 'ND,EDF->NEF' matmuls that read each expert's kernels once."""
-    E = config.n_routed_experts
-    chosen = jax.nn.one_hot(routing.experts, E, dtype=jnp.float32)  # [N, K, E]
-    scale = jnp.einsum("NKE,NK->NE", chosen, routing.weights)
-    gate, up, down = weights
-    g = project("ND,EDF->NEF", tokens, gate, config)
-    u = project("ND,EDF->NEF", tokens, up, config)
-    h = jnp.where(chosen.sum(1)[..., None] > 0, jax.nn.silu(g) * u, 0)  # 0·inf would be NaN
-    h = (h * scale[..., None]).astype(g.dtype)
-    return project("NEF,EFD->ND", h, down, config, out_dtype=jnp.float32)
+    chosen = jax.nn.one_hot(routing.experts, config.n_routed_experts, dtype=jnp.float32)
+    scale = jnp.einsum("NKE,NK->NE", chosen, routing.weights)[..., None]  # [N, E, 1]
+    keep = chosen.sum(1)[..., None] > 0
+
+    def weigh(h):  # a select, not only the 0 scale: 0·inf would be NaN
+        return (jnp.where(keep, h, 0) * scale).astype(h.dtype)
+
+    return swiglu(tokens, weights, "ND,EDF->NEF", "NEF,EFD->ND", config, hidden=weigh,
+                  out_dtype=jnp.float32)
 
 
 # Assignments up to which `sliced_swiglu` is unrolled (each is three small products).
@@ -257,8 +260,9 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
       "dense" (`dense_swiglu`) when N·E is no more than the blocks buffer's (⌈N·K/b⌉ + E)·b
         rows: E expert matrices read once, no gather, no padding.
     Measured on 2 CPU cores, one MoE layer, E 16, D 192-256: sliced 0.05 ms at N·K = 2 against
-    0.30 dense and 0.20 for gathering the chosen kernels; dense overtakes sliced near
-    N·K ≈ 0.75·E (benchmarks/moe_decode.py runs the model's choice against the blocks)."""
+    0.30 dense and 0.20 for gathering the chosen kernels; the two cost about the same at
+    N·K ≈ 0.75·E, so the switch at E/2 keeps sliced where it clearly wins
+    (benchmarks/moe_decode.py runs the model's choice against the blocks)."""
     c = config
     if c.capacity_factor is not None or c.fp8 != "none":
         return None
@@ -273,10 +277,7 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
 def batched_swiglu(x_ecd: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig) -> jax.Array:
     """[E, C, D] per-expert slots through the E experts of `weights` (as `grouped_swiglu`)."""
-    gate, up, down = weights
-    g = project("ECD,EDF->ECF", x_ecd, gate, config)
-    u = project("ECD,EDF->ECF", x_ecd, up, config)
-    return project("ECF,EFD->ECD", jax.nn.silu(g) * u, down, config)
+    return swiglu(x_ecd, weights, "ECD,EDF->ECF", "ECF,EFD->ECD", config)
 
 
 class RoutedExperts(nn.Module):

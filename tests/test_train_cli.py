@@ -72,8 +72,7 @@ def start(workdir, *extra, extra_env=None) -> subprocess.Popen:
     """train.py in the background, its stdout read line by line (`wait_for`)."""
     cmd, cwd = command(workdir, *extra)
     return subprocess.Popen(cmd, cwd=cwd, env={**env(), **(extra_env or {})},
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
 
 
 def wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:

@@ -170,8 +170,11 @@ class MLA(nn.Module):
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
             q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
-            scores = (product("BNTC,BSC->BNTS", q_latent, view.c_kv, dtype)
-                      + product("BNTR,BSR->BNTS", q_pe, view.k_pe, dtype))
+            # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored
+            # layout, where [N·T, C] · [S, C]ᵀ makes XLA:CPU copy it transposed every step
+            scores = jnp.transpose(product("BSC,BNTC->BSNT", view.c_kv, q_latent, dtype)
+                                   + product("BSR,BNTR->BSNT", view.k_pe, q_pe, dtype),
+                                   (0, 2, 3, 1))
             probs = _masked_softmax(scores, mask, self.config)
             out_latent = product("BNTS,BSC->BNTC", probs, view.c_kv, dtype)
             out = self.kv_b_proj_v("BNTC,CNA->BNTA", out_latent)

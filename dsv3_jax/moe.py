@@ -235,16 +235,20 @@ def dense_swiglu(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...
                  config: ModelConfig) -> jax.Array:
     """[N, D] tokens through all E experts, each expert's hidden units kept only where the
     token chose it and scaled by its routing weight: the weighted [N, D] sum of the chosen
-    experts, with plain 'ND,EDF->NEF' matmuls that read each expert's kernels once."""
-    chosen = jax.nn.one_hot(routing.experts, config.n_routed_experts, dtype=jnp.float32)
-    scale = jnp.einsum("NKE,NK->NE", chosen, routing.weights)[..., None]  # [N, E, 1]
-    keep = chosen.sum(1)[..., None] > 0
+    experts. The tokens are broadcast to [E, N, D] so that each expert is a plain matmul on its
+    kernels as stored ('END,EDF->ENF'): as 'ND,EDF->NEF', XLA:CPU copied the [E, D, F] stacks
+    into [D, E·F] every call."""
+    E = config.n_routed_experts
+    chosen = jax.nn.one_hot(routing.experts, E, dtype=jnp.float32)
+    scale = jnp.einsum("NKE,NK->EN", chosen, routing.weights)[..., None]  # [E, N, 1]
+    keep = chosen.sum(1).T[..., None] > 0
 
     def weigh(h):  # a select, not only the 0 scale: 0·inf would be NaN
         return (jnp.where(keep, h, 0) * scale).astype(h.dtype)
 
-    return swiglu(tokens, weights, "ND,EDF->NEF", "NEF,EFD->ND", config, hidden=weigh,
-                  out_dtype=jnp.float32)
+    per_expert = swiglu(jnp.broadcast_to(tokens, (E, *tokens.shape)), weights, "END,EDF->ENF",
+                        "ENF,EFD->END", config, hidden=weigh, out_dtype=jnp.float32)
+    return per_expert.sum(0)
 
 
 # Assignments up to which `sliced_swiglu` is unrolled (each is three small products).

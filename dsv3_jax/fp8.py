@@ -135,6 +135,22 @@ def _gemm_plan(eqn: str):
     return group, rows, contract, cols, out
 
 
+def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(eqn, x, w) in float32 as one dot_general whose contracted and batch dimensions
+    go in w's axis order, so the weight is read as stored. jnp.einsum orders them
+    alphabetically: for "BTNA,NAD->BTD" that is (A, N), and XLA:CPU then copied the kernel
+    transposed on every call (each decode step, each layer)."""
+    group, rows, contract, cols, out = _gemm_plan(eqn)
+    xs, ws = eqn.replace(" ", "").split("->")[0].split(",")
+    batch = [c for c in ws if c in group]
+    summed = [c for c in ws if c in contract]
+    dims = (([xs.index(c) for c in summed], [ws.index(c) for c in summed]),
+            ([xs.index(c) for c in batch], [ws.index(c) for c in batch]))
+    y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    letters = "".join(batch) + rows + cols  # dot_general's order: batch, x's free, w's free
+    return jnp.transpose(y, [letters.index(c) for c in out])
+
+
 def _to_gemm(eqn: str, x: jax.Array, w: jax.Array):
     group, rows, contract, cols, _ = _gemm_plan(eqn)
     xs, ws = eqn.replace(" ", "").split("->")[0].split(",")
@@ -301,7 +317,7 @@ def project(eqn: str, x: jax.Array, w: jax.Array, recipe: str = "none",
       recipe: "none" (plain einsum), "delayed" (needs this GEMM's `state`) or "blockwise".
     """
     if recipe == "none":
-        return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32)
+        return _plain_projection(eqn, x, w)
     x3, w3, size = _to_gemm(eqn, x, w)
     if recipe == "delayed":
         if state is None:

@@ -122,10 +122,17 @@ def blockwise_dequantize(q, scale_inv, block: tuple[int, int] = (TILE, TILE),
 # ---- the canonical GEMM of an einsum ---------------------------------------------------------
 
 @functools.cache
-def _gemm_plan(eqn: str):
-    """(group, rows, contraction, columns, output) letters of "x,w->out"."""
+def _letters(eqn: str) -> tuple[str, str, str]:
+    """(x, w, output) index letters of "x,w->out"."""
     inputs, out = eqn.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
+    return xs, ws, out
+
+
+@functools.cache
+def _gemm_plan(eqn: str):
+    """(group, rows, contraction, columns, output) letters of "x,w->out"."""
+    xs, ws, out = _letters(eqn)
     group = "".join(c for c in xs if c in ws and c in out)
     contract = "".join(c for c in xs if c in ws and c not in out)
     rows = "".join(c for c in xs if c not in ws)
@@ -141,7 +148,7 @@ def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     alphabetically: for "BTNA,NAD->BTD" that is (A, N), and XLA:CPU then copied the kernel
     transposed on every call (each decode step, each layer)."""
     group, rows, contract, cols, out = _gemm_plan(eqn)
-    xs, ws = eqn.replace(" ", "").split("->")[0].split(",")
+    xs, ws, _ = _letters(eqn)
     batch = [c for c in ws if c in group]
     summed = [c for c in ws if c in contract]
     dims = (([xs.index(c) for c in summed], [ws.index(c) for c in summed]),
@@ -153,7 +160,7 @@ def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _to_gemm(eqn: str, x: jax.Array, w: jax.Array):
     group, rows, contract, cols, _ = _gemm_plan(eqn)
-    xs, ws = eqn.replace(" ", "").split("->")[0].split(",")
+    xs, ws, _ = _letters(eqn)
     size = {**dict(zip(xs, x.shape, strict=True)), **dict(zip(ws, w.shape, strict=True))}
     n = lambda letters: math.prod(size[c] for c in letters)
     x3 = jnp.einsum(f"{xs}->{group}{rows}{contract}", x).reshape(n(group), n(rows), n(contract))

@@ -7,7 +7,12 @@
 One JSON line per draft depth (drafts past the MTP modules chain the last one): tokens/s of
 both, their ratio, the measured acceptance rate, tokens per main-model forward, and, greedy
 (the default), whether the two outputs are the same tokens (they must be; null when sampling,
-where only the distribution is the same). Both runs decode max_new_tokens with no stop token.
+where only the distribution is the same). What bounds the speedup, from the same timings:
+`round_cost` is the time per main-model forward of speculation (its drafts included) over that
+of plain decoding, so the speedup is tokens_per_forward / round_cost, and
+`speedup_at_full_acceptance` = (draft_tokens + 1) / round_cost is the most any acceptance rate
+could give; `limited_by` says which of the two keeps the speedup under 1.5x ("round cost" when
+even full acceptance would, else "acceptance"), null when it is reached. Both runs decode max_new_tokens with no stop token.
 With --workdir the weights and tokenizer are the run's newest checkpoint; without, the preset's
 random initialization, whose untrained MTP module drafts are almost never accepted: the figure
 is then what speculation costs, not what it gains (the `weights` field says which).
@@ -58,6 +63,11 @@ def main():
         t_spec = seconds_per_call(lambda d=drafts: run(speculative=True, draft_tokens=d).tokens,
                                   repeats=args.repeats)
         identical = bool(np.array_equal(spec.tokens, plain.tokens))
+        # time per main-model forward (each side's prefill counts as one), speculative / plain
+        round_cost = (t_spec / int(spec.forwards.sum())) / (t_plain / int(plain.forwards.sum()))
+        ceiling = (drafts + 1) / round_cost
+        limited_by = None if t_plain / t_spec >= 1.5 else (
+            "round cost" if ceiling < 1.5 else "acceptance")
         report(benchmark="speculative_decode", model=model, weights=weights, batch=1,
                temperature=args.temperature, prompt_tokens=int(prompt.shape[1]),
                max_new_tokens=new,
@@ -67,6 +77,8 @@ def main():
                speedup=round(t_plain / t_spec, 3),
                acceptance_rate=round(spec.acceptance_rate, 4),
                tokens_per_forward=round(spec.tokens_per_forward, 3),
+               round_cost=round(round_cost, 3),
+               speedup_at_full_acceptance=round(ceiling, 3), limited_by=limited_by,
                identical=identical if args.temperature == 0 else None,
                backend=jax.default_backend())
 

@@ -32,7 +32,7 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
         "benchmark", "model", "weights", "batch", "temperature", "prompt_tokens",
         "max_new_tokens", "mtp_modules", "draft_tokens", "plain_tokens_per_s",
         "speculative_tokens_per_s", "speedup", "acceptance_rate", "tokens_per_forward",
-        "identical", "backend"}),
+        "round_cost", "speedup_at_full_acceptance", "limited_by", "identical", "backend"}),
     "profile_ops": (["--figure", "decode", "--config", "tiny", "--batch", "1", "--context",
                      "32", "--top", "3"], {
         "benchmark", "figure", "config", "kind", "ms", "share", "thunks"}),
@@ -83,6 +83,12 @@ def test_benchmark_smoke(name):
         assert 0 <= record["acceptance_rate"] <= 1 and 1 <= record["tokens_per_forward"] <= 2
         assert record["speedup"] == pytest.approx(
             record["speculative_tokens_per_s"] / record["plain_tokens_per_s"], rel=0.02)
+        # speedup = tokens per forward / round cost (both sides decode max_new_tokens)
+        assert record["speedup"] == pytest.approx(
+            record["tokens_per_forward"] / record["round_cost"], rel=0.02)
+        assert record["speedup_at_full_acceptance"] == pytest.approx(
+            2 / record["round_cost"], rel=0.01)
+        assert record["limited_by"] in (None, "round cost", "acceptance")
     elif name == "profile_ops":  # one line per op kind; the shares of the call add up to 1
         kinds = [r["kind"] for r in lines]
         assert len(kinds) == len(set(kinds)) and ({"dot", "matmul"} & set(kinds)), kinds

@@ -12,9 +12,9 @@ where only the distribution is the same). What bounds the speedup, from the same
 of plain decoding, so the speedup is tokens_per_forward / round_cost, and
 `speedup_at_full_acceptance` = (draft_tokens + 1) / round_cost is the most any acceptance rate
 could give; `limited_by` says which of the two keeps the speedup under 1.5x ("round cost" when
-even full acceptance would, else "acceptance"), null when it is reached. Both runs decode max_new_tokens with no stop token.
-With --workdir the weights and tokenizer are the run's newest checkpoint; without, the preset's
-random initialization, whose untrained MTP module drafts are almost never accepted: the figure
+even full acceptance would, else "acceptance"), null when it is reached.
+Both runs decode max_new_tokens with no stop token. With --workdir the weights and tokenizer
+are the run's newest checkpoint; without, the preset's random initialization, whose untrained MTP module drafts are almost never accepted: the figure
 is then what speculation costs, not what it gains (the `weights` field says which).
 """
 

@@ -14,8 +14,9 @@ of plain decoding, so the speedup is tokens_per_forward / round_cost, and
 could give; `limited_by` says which of the two keeps the speedup under 1.5x ("round cost" when
 even full acceptance would, else "acceptance"), null when it is reached.
 Both runs decode max_new_tokens with no stop token. With --workdir the weights and tokenizer
-are the run's newest checkpoint; without, the preset's random initialization, whose untrained MTP module drafts are almost never accepted: the figure
-is then what speculation costs, not what it gains (the `weights` field says which).
+are the run's newest checkpoint; without, the preset's random initialization, whose untrained
+MTP module drafts are almost never accepted: the figure is then what speculation costs, not
+what it gains (the `weights` field says which).
 """
 
 import argparse

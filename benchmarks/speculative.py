@@ -5,9 +5,10 @@
     python -m benchmarks.speculative --preset tiny      # random weights, no training run
 
 One JSON line per draft depth (drafts past the MTP modules chain the last one): tokens/s of
-both, their ratio, the measured acceptance rate, tokens per main-model forward, and, greedy
-(the default), whether the two outputs are the same tokens (they must be; null when sampling,
-where only the distribution is the same). What bounds the speedup, from the same timings:
+both, their ratio, the measured acceptance rate (overall, and per draft position k given the
+drafts before it were accepted; null where no round reached k), tokens per main-model forward,
+and, greedy (the default), whether the two outputs are the same tokens (they must be; null when
+sampling, where only the distribution is the same). What bounds the speedup, from the same timings:
 `round_cost` is the time per main-model forward of speculation (its drafts included) over that
 of plain decoding, so the speedup is tokens_per_forward / round_cost, and
 `speedup_at_full_acceptance` = (draft_tokens + 1) / round_cost is the most any acceptance rate
@@ -77,6 +78,8 @@ def main():
                speculative_tokens_per_s=round(new / t_spec, 1),
                speedup=round(t_plain / t_spec, 3),
                acceptance_rate=round(spec.acceptance_rate, 4),
+               acceptance_by_position=[None if r != r else round(r, 4)
+                                       for r in spec.acceptance_by_position],
                tokens_per_forward=round(spec.tokens_per_forward, 3),
                round_cost=round(round_cost, 3),
                speedup_at_full_acceptance=round(ceiling, 3), limited_by=limited_by,

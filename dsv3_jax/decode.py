@@ -45,12 +45,26 @@ class Generation:
     forwards: jax.Array  # [B] int32 main-model forwards while the row was generating (prefill: 1)
     drafted: jax.Array  # [B] int32 tokens drafted by the MTP modules (0 without speculation)
     accepted: jax.Array  # [B] int32 drafted tokens the main model accepted
+    # [B, K] int32: per draft position k (0-based) the rounds whose draft k was accepted, i.e.
+    # that accepted more than k drafts (sums to `accepted`); [B, 0] without speculation
+    accepted_by_position: jax.Array
 
     @property
     def acceptance_rate(self) -> float:
         """Accepted / drafted tokens over the batch (nan without speculation)."""
         drafted = int(self.drafted.sum())
         return int(self.accepted.sum()) / drafted if drafted else math.nan
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Over the batch, per draft position k: P(draft k accepted | drafts before it were),
+        the rounds that accepted draft k over those that reached it (nan where none did)."""
+        counts = np.asarray(self.accepted_by_position).sum(0)
+        K = len(counts)
+        if K == 0:
+            return []
+        reached = np.concatenate([[int(self.drafted.sum()) // K], counts[:-1]])
+        return [float(a / r) if r else math.nan for a, r in zip(counts, reached)]
 
     @property
     def tokens_per_forward(self) -> float:
@@ -103,11 +117,12 @@ def _generate(config, variables, prompt, lengths, stop_ids, pad_id, temperature,
               max_new_tokens, greedy, drafts):
     args = (config, variables, prompt, lengths, max_new_tokens, stop_ids)
     if drafts:
-        tokens, last, forwards, drafted, accepted, _ = speculative_loop(
+        tokens, last, forwards, drafted, accepted, by_position, _ = speculative_loop(
             *args, drafts, greedy, temperature, top_p, rng)
     else:
         tokens, last, forwards, drafted, accepted = _plain_loop(*args, greedy, temperature,
                                                                 top_p, rng)
+        by_position = jnp.zeros((prompt.shape[0], 0), jnp.int32)
     B, T = prompt.shape
     j = jnp.arange(max_new_tokens)
     new = jnp.take_along_axis(tokens, lengths[:, None] + j, axis=1, mode="clip")
@@ -120,7 +135,7 @@ def _generate(config, variables, prompt, lengths, stop_ids, pad_id, temperature,
                             pad_id),
         tokens=jnp.where(j < count[:, None], new, pad_id),
         lengths=count, prompt_lengths=lengths, forwards=forwards, drafted=drafted,
-        accepted=accepted)
+        accepted=accepted, accepted_by_position=by_position)
 
 
 def _pack(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:

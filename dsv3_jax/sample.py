@@ -92,7 +92,9 @@ def main(argv):
     if _SPECULATIVE.value:
         print(f"# speculative: acceptance rate {result.acceptance_rate:.3f}, "
               f"{result.tokens_per_forward:.2f} tokens per main-model forward "
-              f"({int(result.accepted.sum())} of {int(result.drafted.sum())} drafts accepted)",
+              f"({int(result.accepted.sum())} of {int(result.drafted.sum())} drafts accepted; "
+              f"by draft position, given the earlier ones were: "
+              f"{', '.join(f'{r:.3f}' for r in result.acceptance_by_position)})",
               file=sys.stderr)
     print(text)
 

@@ -81,10 +81,12 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
       drafts: K, drafted tokens per round (≥ 1; past num_nextn_predict_layers chains the last).
       greedy: argmax verification; else speculative sampling at temperature/top_p with rng.
     Returns:
-      (tokens [B, S], last [B], forwards [B], drafted [B], accepted [B], cache): the token
-      buffer with the prompt and the continuation from position L_b, the position of each
-      row's newest token, per row the main-model forwards, drafts and accepted drafts while
-      active, and the final caches (main cache valid below `last`).
+      (tokens [B, S], last [B], forwards [B], drafted [B], accepted [B], by_position [B, K],
+      cache): the token buffer with the prompt and the continuation from position L_b, the
+      position of each row's newest token, per row the main-model forwards, drafts and
+      accepted drafts while active, per row and draft position k the rounds that accepted
+      draft k (a > k; summed over k: accepted), and the final caches (main cache valid below
+      `last`).
     """
     K = drafts
     D = min(c.num_nextn_predict_layers, K)  # modules used; fewer drafts leave the rest idle
@@ -104,7 +106,8 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
     hidden = jnp.zeros((B, S, c.hidden_size), out.hidden.dtype).at[:, :T].set(out.hidden)
     count = jnp.zeros((B,), jnp.int32)
     state = (jnp.int32(0), tokens, hidden, out.cache, lengths,
-             is_stop(first) | (max_new_tokens == 1), count + 1, count, count)
+             is_stop(first) | (max_new_tokens == 1), count + 1, count,
+             jnp.zeros((B, K), jnp.int32))
 
     def draft(tokens, hidden, mtp_cache, last, key):
         """K drafts written into tokens at last+1..last+K; their distributions [B, K, V]."""
@@ -135,7 +138,7 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
         return tokens, mtp_cache, q
 
     def round_(state):
-        i, tokens, hidden, cache, last, done, forwards, drafted, accepted = state
+        i, tokens, hidden, cache, last, done, forwards, drafted, by_position = state
         key = None if greedy else jax.random.fold_in(loop_key, i)
         draft_key, accept_key = (None, None) if greedy else jax.random.split(key)
         tokens, mtp_cache, q = draft(tokens, hidden, cache["mtp"], last, draft_key)
@@ -156,9 +159,10 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
         last = jnp.where(active, last + a + 1, last)
         done = done | stopped | (last - lengths + 1 >= max_new_tokens)
         cache = {**out.cache, "mtp": mtp_cache}
+        reached = (jnp.arange(K) < a[:, None]) & active[:, None]  # draft k accepted
         return (i + 1, tokens, hidden, cache, last, done, forwards + active,
-                drafted + K * active, accepted + jnp.where(active, a, 0))
+                drafted + K * active, by_position + reached)
 
     state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[5].all(), round_, state)
-    _, tokens, _, cache, last, _, forwards, drafted, accepted = state
-    return tokens, last, forwards, drafted, accepted, cache
+    _, tokens, _, cache, last, _, forwards, drafted, by_position = state
+    return tokens, last, forwards, drafted, by_position.sum(-1), by_position, cache

@@ -31,8 +31,9 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
                      "--repeats", "1"], {
         "benchmark", "model", "weights", "batch", "temperature", "prompt_tokens",
         "max_new_tokens", "mtp_modules", "draft_tokens", "plain_tokens_per_s",
-        "speculative_tokens_per_s", "speedup", "acceptance_rate", "tokens_per_forward",
-        "round_cost", "speedup_at_full_acceptance", "limited_by", "identical", "backend"}),
+        "speculative_tokens_per_s", "speedup", "acceptance_rate", "acceptance_by_position",
+        "tokens_per_forward", "round_cost", "speedup_at_full_acceptance", "limited_by",
+        "identical", "backend"}),
     "profile_ops": (["--figure", "decode", "--config", "tiny", "--batch", "1", "--context",
                      "32", "--top", "3"], {
         "benchmark", "figure", "config", "kind", "ms", "share", "thunks"}),
@@ -89,6 +90,8 @@ def test_benchmark_smoke(name):
         assert record["speedup_at_full_acceptance"] == pytest.approx(
             2 / record["round_cost"], rel=0.01)
         assert record["limited_by"] in (None, "round cost", "acceptance")
+        (first,) = record["acceptance_by_position"]  # one draft: the overall rate
+        assert first == pytest.approx(record["acceptance_rate"], abs=1e-4)
     elif name == "profile_ops":  # one line per op kind; the shares of the call add up to 1
         kinds = [r["kind"] for r in lines]
         assert len(kinds) == len(set(kinds)) and ({"dot", "matmul"} & set(kinds)), kinds

@@ -101,3 +101,10 @@ def test_speculative_notebook(tmp_path):
     assert math.isfinite(speedup) and speedup > 0, speedup
     assert math.isfinite(acceptance) and 0 < acceptance <= 1, acceptance
     assert "speculative outputs equal plain greedy's" in text
+    # acceptance by draft position: counted per round, so each is a probability (nan: no round
+    # reached that draft); one line per prompt type and draft depth K, K rates
+    lines = re.findall(r"^code \(all\)\s+(\d)  ((?:\s*(?:[0-9.]+|nan))+)$", text, re.MULTILINE)
+    assert {int(k) for k, _ in lines} == {1, 2, 3}, lines
+    for k, rates in lines:
+        rates = [float(r) for r in rates.split()]
+        assert len(rates) == int(k) and all(math.isnan(r) or 0 <= r <= 1 for r in rates), rates

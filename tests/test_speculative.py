@@ -66,6 +66,19 @@ def tiny():
     return random_variables(C)
 
 
+def check_by_position(spec, drafts, rounds):
+    """accepted_by_position [B, K]: rounds that accepted draft k, so it counts down along k
+    from at most the rounds and sums to the accepted drafts; the conditional rates follow."""
+    by = np.asarray(spec.accepted_by_position)
+    assert by.shape == (len(rounds), drafts)
+    np.testing.assert_array_equal(by.sum(1), spec.accepted)
+    assert (by[:, 0] <= rounds).all() and (np.diff(by, axis=1) <= 0).all(), by
+    counts = by.sum(0)
+    reached = np.concatenate([[rounds.sum()], counts[:-1]])
+    np.testing.assert_allclose(spec.acceptance_by_position,
+                               np.where(reached > 0, counts / np.maximum(reached, 1), np.nan))
+
+
 def check_greedy(config, variables, prompts, drafts, stop):
     """Speculative == plain, with and without stop ids; returns the speculative result."""
     plain = generate(config, variables, prompts, NEW, return_result=True)
@@ -77,6 +90,7 @@ def check_greedy(config, variables, prompts, drafts, stop):
     rounds = np.asarray(spec.forwards) - 1
     np.testing.assert_array_equal(spec.drafted, drafts * rounds)
     np.testing.assert_array_equal(spec.lengths, np.minimum(NEW, 1 + rounds + spec.accepted))
+    check_by_position(spec, drafts, rounds)
     stop = [int(plain.tokens[b, t]) for b, t in stop]
     plain_stop = generate(config, variables, prompts, NEW, eos_token_id=stop,
                           return_result=True)
@@ -97,8 +111,9 @@ def test_greedy_equals_plain_greedy(tiny, weights):
     if weights == "rejects":
         assert 0 not in np.asarray(plain.tokens)  # so a draft of 0 is always wrong
         assert rate == 0 and spec.tokens_per_forward == 1
+        assert spec.acceptance_by_position == [0.0]
     elif weights == "accepts":
-        assert rate == 1
+        assert rate == 1 and spec.acceptance_by_position == [1.0]
         # 11 tokens after the prefill's, K+1 per round: ceil(11 / (K+1)) rounds
         np.testing.assert_array_equal(spec.forwards, 1 + math.ceil((NEW - 1) / (drafts + 1)))
     elif weights == "partial":
@@ -146,7 +161,7 @@ def test_caches_left_behind_equal_a_full_forward():
     base = random_variables(c)
     for name in ("random", "partial", "accepts"):
         v = WEIGHTS[name](base)
-        tokens, last, _, drafted, accepted, cache = loop(
+        tokens, last, forwards, drafted, accepted, by_position, cache = loop(
             c, v, jnp.asarray(prompt), jnp.asarray(LENGTHS), NEW, jnp.array([-1]), drafts, True,
             1.0, 1.0, None)
         last = np.asarray(last)
@@ -170,6 +185,40 @@ def test_caches_left_behind_equal_a_full_forward():
         if name == "accepts":  # 4 tokens per round: ceil(11 / 4) rounds of 3 drafts each
             np.testing.assert_array_equal(accepted, drafted)
             np.testing.assert_array_equal(drafted, drafts * math.ceil((NEW - 1) / 4))
+        rounds = np.asarray(forwards) - 1
+        by = np.asarray(by_position)
+        np.testing.assert_array_equal(by.sum(1), accepted)
+        assert (by[:, 0] <= rounds).all() and (np.diff(by, axis=1) <= 0).all(), by
+        if name == "accepts":
+            np.testing.assert_array_equal(by, np.repeat(rounds[:, None], drafts, axis=1))
+
+
+def test_acceptance_by_position_counts_the_accepted_prefix(tiny, monkeypatch, request):
+    """With drafts the main model would all accept (bigram weights) but the verification capped
+    at 1 accepted draft per round (accepting fewer matching drafts is still greedy), every round
+    accepts exactly draft 0: accepted_by_position = [rounds, 0, 0], rates [1, 0, nan]."""
+    import dsv3_jax.speculative as speculative
+    greedy = speculative.accept_greedy
+    # generate's jitted loop is cached by its static arguments: trace it afresh with the patch,
+    # and drop that trace afterwards so no later test reuses it
+    jax.clear_caches()
+    request.addfinalizer(jax.clear_caches)
+    monkeypatch.setattr(speculative, "accept_greedy",
+                        lambda drafts, logits: (jnp.minimum(greedy(drafts, logits)[0], 1),
+                                                greedy(drafts, logits)[1]))
+    v, drafts = bigram(tiny), 3
+    plain = generate(C, v, PROMPTS, NEW, return_result=True)
+    spec = generate(C, v, PROMPTS, NEW, speculative=True, draft_tokens=drafts,
+                    return_result=True)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    rounds = np.asarray(spec.forwards) - 1
+    np.testing.assert_array_equal(rounds, math.ceil((NEW - 1) / 2))  # 2 tokens per round
+    want = np.zeros((len(PROMPTS), drafts), np.int32)
+    want[:, 0] = rounds
+    np.testing.assert_array_equal(spec.accepted_by_position, want)
+    rates = spec.acceptance_by_position
+    assert rates[:2] == [1.0, 0.0] and math.isnan(rates[2]), rates
+    check_by_position(spec, drafts, rounds)
 
 
 def test_accept_sampled_keeps_the_target_distribution_by_hand():

@@ -13,6 +13,7 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -180,6 +181,10 @@ def sample(workdir, *args) -> str:
          *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 12" in result.stderr
+    if "--speculative" in args:  # the acceptance summary, overall and per draft position
+        assert re.search(r"# speculative: acceptance rate [0-9.]+, .*by draft position, given "
+                         r"the earlier ones were: [0-9.]+, [0-9.]+\)", result.stderr), \
+            result.stderr[-2000:]
     assert result.stdout.startswith("def ") and result.stdout.endswith("\n")
     return result.stdout[len("def "):-1]
 
@@ -189,6 +194,9 @@ def test_sample_from_the_run(reference):
     greedy = sample(workdir, "--max_new_tokens=8", "--temperature=0", "--seed=0")
     # Greedy decoding ignores the seed.
     assert sample(workdir, "--max_new_tokens=8", "--temperature=0", "--seed=1") == greedy
+    # Speculative greedy (the run's MTP module drafting, a second draft chained) is greedy.
+    assert sample(workdir, "--max_new_tokens=8", "--temperature=0", "--speculative",
+                  "--draft_tokens=2") == greedy
     # Byte tokenizer: 8 new tokens are 8 bytes, unless a document separator ended the text —
     # then a larger budget stops at the same place.
     assert greedy, "nothing generated"

@@ -159,9 +159,9 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
         last = jnp.where(active, last + a + 1, last)
         done = done | stopped | (last - lengths + 1 >= max_new_tokens)
         cache = {**out.cache, "mtp": mtp_cache}
-        reached = (jnp.arange(K) < a[:, None]) & active[:, None]  # draft k accepted
+        took = (jnp.arange(K) < a[:, None]) & active[:, None]  # [B, K]: draft k accepted
         return (i + 1, tokens, hidden, cache, last, done, forwards + active,
-                drafted + K * active, by_position + reached)
+                drafted + K * active, by_position + took)
 
     state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens) & ~s[5].all(), round_, state)
     _, tokens, _, cache, last, _, forwards, drafted, by_position = state

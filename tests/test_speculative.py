@@ -203,9 +203,11 @@ def test_acceptance_by_position_counts_the_accepted_prefix(tiny, monkeypatch, re
     # and drop that trace afterwards so no later test reuses it
     jax.clear_caches()
     request.addfinalizer(jax.clear_caches)
-    monkeypatch.setattr(speculative, "accept_greedy",
-                        lambda drafts, logits: (jnp.minimum(greedy(drafts, logits)[0], 1),
-                                                greedy(drafts, logits)[1]))
+    def at_most_one(drafts, logits):
+        accepted, tokens = greedy(drafts, logits)
+        return jnp.minimum(accepted, 1), tokens
+
+    monkeypatch.setattr(speculative, "accept_greedy", at_most_one)
     v, drafts = bigram(tiny), 3
     plain = generate(C, v, PROMPTS, NEW, return_result=True)
     spec = generate(C, v, PROMPTS, NEW, speculative=True, draft_tokens=drafts,

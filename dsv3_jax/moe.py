@@ -25,7 +25,8 @@ hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_imp
     per expert, 'ECD,EDF->ECF'; assignments beyond C are dropped. Equal to dropless when
     nothing overflows.
 Blocks and capacity use one slot plan (`plan_slots`), which expert parallelism reuses to build
-its buffers.
+its buffers, and one combine (`slotted_experts`): each slot's routing weight scales its hidden
+units before the down projection, and each token sums its K slots.
 
 The correction bias is an input: the model keeps all layers' biases as one [L_moe, E] array in
 the `moe_bias` variable collection, so no optimizer sees it and the sign-rule update is one
@@ -199,22 +200,38 @@ def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, confi
 
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
-                   config: ModelConfig) -> jax.Array:
-    """[P, b, D] token blocks, block p through expert block_expert[p] of
+                   config: ModelConfig, *, rows: jax.Array | None = None,
+                   scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    """Token blocks through their blocks' experts: block p through expert block_expert[p] of
     weights = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's kernels gathered.
-    The projections run under the config's FP8 recipe (one GEMM state per expert tensor)."""
-    def run(x_blocks, kernels, states):
+    The projections run under the config's FP8 recipe (one GEMM state per expert tensor).
+
+    Args:
+      x_blocks: [P, b, D] token blocks; or, with `rows`, the [N, D] tokens themselves, row
+        rows[i] (clamped to N − 1: an empty slot computes a copy of a real token) filling
+        slot i of the [P·b] slots.
+      scale: [P, b] multiplies each slot's hidden units before the down projection (a
+        routing weight: 0 for an empty slot, whose output is then exactly 0).
+    Returns:
+      [P, b, D] in `out_dtype` (default: the compute dtype).
+    """
+    P = block_expert.shape[0]
+
+    def run(x, kernels, states, scale):
+        if rows is not None:  # inside the checkpoint: the backward pass gathers them again
+            x = jnp.take(x, rows, axis=0, mode="clip").reshape(P, -1, x.shape[1])
         gathered = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
-        return swiglu(x_blocks, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config)
+        return swiglu(x, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config,
+                      hidden=_scaled(scale), out_dtype=out_dtype)
 
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
-        return run(x_blocks, kernels, states)
-    # The gathered kernels ([P, D, F] each, ~D·F/b values per routed row) are gathered again
-    # in the backward pass rather than kept: under the layer scan, keeping them costs a
-    # zero-filled [L, P, D, F] stack written and read once each.
+        return run(x_blocks, kernels, states, scale)
+    # The gathered kernels ([P, D, F] each, ~D·F/b values per routed row) and token rows are
+    # gathered again in the backward pass rather than kept: under the layer scan, keeping them
+    # costs zero-filled [L, P, D, F] and [L, P, b, D] stacks written and read once each.
     regather = jax.checkpoint(run, policy=lambda prim, *_, **__: prim.name != "gather")
-    return regather(x_blocks, kernels, states)
+    return regather(x_blocks, kernels, states, scale)
 
 
 def sliced_swiglu(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, ...],
@@ -278,14 +295,53 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
     return None
 
 
-def batched_swiglu(x_ecd: jax.Array, weights: tuple[Weight, ...],
-                   config: ModelConfig) -> jax.Array:
-    """[E, C, D] per-expert slots through the E experts of `weights` (as `grouped_swiglu`)."""
-    return swiglu(x_ecd, weights, "ECD,EDF->ECF", "ECF,EFD->ECD", config)
+def batched_swiglu(x_ecd: jax.Array, weights: tuple[Weight, ...], config: ModelConfig, *,
+                   scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    """[E, C, D] per-expert slots through the E experts of `weights` (as `grouped_swiglu`;
+    `scale` [E, C] multiplies the hidden units)."""
+    return swiglu(x_ecd, weights, "ECD,EDF->ECF", "ECF,EFD->ECD", config,
+                  hidden=_scaled(scale), out_dtype=out_dtype)
+
+
+def _scaled(scale: jax.Array | None) -> Callable[[jax.Array], jax.Array]:
+    """The hidden-units map multiplying each slot's [..., F] hidden units by its scale [...]."""
+    if scale is None:
+        return lambda h: h
+    return lambda h: (h * scale[..., None]).astype(h.dtype)
+
+
+def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...],
+                    config: ModelConfig, capacity: int | None = None) -> jax.Array:
+    """The routed experts' weighted output [N, D] (fp32) through an expert-major slot buffer:
+    dropless blocks of `expert_block_size`, or `capacity` slots per expert (overflow dropped).
+
+    Each slot's routing weight multiplies its hidden units before the (linear) down projection
+    (0 for an empty slot, whose output is then exactly 0, so its row needs no zero fill), and
+    each token's K slots are summed: nothing [N, K, D] is kept for the backward pass, since the
+    weight's gradient comes from the hidden units the down projection keeps anyway."""
+    N, D = tokens.shape
+    E, b = config.n_routed_experts, config.expert_block_size
+    if capacity is None:
+        plan = plan_slots(routing.experts, E, block=b)
+    else:
+        plan = plan_slots(routing.experts, E, capacity=capacity)
+    num_slots = plan.token.shape[0]
+    slot_weight = jnp.zeros(num_slots, jnp.float32).at[plan.slot.reshape(-1)].set(
+        routing.weights.reshape(-1), mode="drop")  # a dropped assignment's slot is num_slots
+    if capacity is None:
+        y_slots = grouped_swiglu(tokens, plan.block_expert, weights, config, rows=plan.token,
+                                 scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32)
+        y_assign = jnp.take(y_slots.reshape(num_slots, D), plan.slot, axis=0, mode="clip")
+    else:
+        x_slots = jnp.take(tokens, plan.token, axis=0, mode="clip").reshape(E, capacity, D)
+        y_slots = batched_swiglu(x_slots, weights, config, scale=slot_weight.reshape(E, -1),
+                                 out_dtype=jnp.float32)
+        y_assign = gather_rows(y_slots.reshape(num_slots, D), plan.slot)  # dropped: 0
+    return y_assign.sum(1)
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts applied to a slot buffer (dropless blocks or capacity slots)."""
+    """The E SwiGLU experts' parameters; every path above runs on their `weights()`."""
 
     config: ModelConfig
 
@@ -301,14 +357,6 @@ class RoutedExperts(nn.Module):
         projections go straight through `layers.project` on these (with a per-block gather in
         the dropless path), locally and under expert parallelism alike."""
         return self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()
-
-    def grouped(self, x_blocks: jax.Array, block_expert: jax.Array) -> jax.Array:
-        """[P, b, D] token blocks, block p computed by expert block_expert[p]."""
-        return grouped_swiglu(x_blocks, block_expert, self.weights(), self.config)
-
-    def batched(self, x_ecd: jax.Array) -> jax.Array:
-        """[E, C, D] per-expert slots (capacity mode)."""
-        return batched_swiglu(x_ecd, self.weights(), self.config)
 
 
 def expert_shards() -> int:
@@ -358,18 +406,11 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
         y_assign = sliced_swiglu(tokens, routing.experts, experts.weights(), c)
     elif impl == "ragged":
         y_assign = ragged_experts(tokens, routing.experts, experts.weights(), c)
+    elif impl == "blocks":
+        return slotted_experts(tokens, routing, experts.weights(), c)
     else:
-        if impl == "blocks":
-            b = c.expert_block_size
-            plan = plan_slots(routing.experts, E, block=b)
-            x_slots = gather_rows(tokens, plan.token)
-            y_slots = experts.grouped(x_slots.reshape(-1, b, D), plan.block_expert)
-        else:
-            capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
-            plan = plan_slots(routing.experts, E, capacity=capacity)
-            x_slots = gather_rows(tokens, plan.token)
-            y_slots = experts.batched(x_slots.reshape(E, capacity, D))
-        y_assign = gather_rows(y_slots.reshape(-1, D), plan.slot)  # [N, K, D]
+        capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
+        return slotted_experts(tokens, routing, experts.weights(), c, capacity)
     return jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
 
 

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.expert_compute import ragged_experts, resolve_moe_impl
+from dsv3_jax.expert_compute import block_matmul, ragged_experts, resolve_moe_impl
 from dsv3_jax.layers import Einsum, SwiGLU, Weight, product, project
 
 
@@ -190,21 +190,27 @@ def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
 
 
 def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, config: ModelConfig,
-           hidden=lambda h: h, out_dtype=None) -> jax.Array:
-    """down(silu(x·gate) ⊙ (x·up)) through `layers.project`: `into` the einsum of x with the
-    gate and up kernels, `out` that of the hidden units with the down kernel; `hidden` maps the
-    hidden units before the down projection. Every routed-expert path below is one of these."""
+           hidden=lambda h: h, out_dtype=None, projection=project) -> jax.Array:
+    """down(silu(x·gate) ⊙ (x·up)) through `projection` (`layers.project`'s signature): `into`
+    the einsum of x with the gate and up kernels, `out` that of the hidden units with the down
+    kernel; `hidden` maps the hidden units before the down projection. Every routed-expert
+    path below is one of these."""
     gate, up, down = weights
-    h = jax.nn.silu(project(into, x, gate, config)) * project(into, x, up, config)
-    return project(out, hidden(h), down, config, out_dtype=out_dtype)
+    h = jax.nn.silu(projection(into, x, gate, config)) * projection(into, x, up, config)
+    return projection(out, hidden(h), down, config, out_dtype=out_dtype)
 
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig, *, rows: jax.Array | None = None,
-                   scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
+                   scale: jax.Array | None = None, out_dtype=None,
+                   by_block: bool = True) -> jax.Array:
     """Token blocks through their blocks' experts: block p through expert block_expert[p] of
-    weights = (gate [E, D, F], up [E, D, F], down [E, F, D]); each block's kernels gathered.
-    The projections run under the config's FP8 recipe (one GEMM state per expert tensor).
+    weights = (gate [E, D, F], up [E, D, F], down [E, F, D]). Without an FP8 recipe and with
+    `by_block`, one block at a time on its expert's kernels as stored
+    (`expert_compute.block_matmul`); otherwise each block's kernels are gathered for one
+    batched GEMM (the recipe's, one GEMM state per expert tensor). Inside shard_map (expert
+    parallelism) pass by_block=False: block_matmul's own backward pass cannot sum its kernel
+    gradients over the map's other mesh axes.
 
     Args:
       x_blocks: [P, b, D] token blocks; or, with `rows`, the [N, D] tokens themselves, row
@@ -220,16 +226,21 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
     def run(x, kernels, states, scale):
         if rows is not None:  # inside the checkpoint: the backward pass gathers them again
             x = jnp.take(x, rows, axis=0, mode="clip").reshape(P, -1, x.shape[1])
-        gathered = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
-        return swiglu(x, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config,
-                      hidden=_scaled(scale), out_dtype=out_dtype)
+        if config.fp8 != "none" or not by_block:  # on each block's gathered kernels
+            gathered = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
+            return swiglu(x, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config,
+                          hidden=_scaled(scale), out_dtype=out_dtype)
+        return swiglu(x, tuple(Weight(k) for k in kernels), "", "", config,
+                      hidden=_scaled(scale), out_dtype=out_dtype, projection=per_block)
+
+    def per_block(_, x, w, config, out_dtype=None):  # `layers.project`'s signature
+        return block_matmul(x, w.kernel, block_expert, config, out_dtype)
 
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
         return run(x_blocks, kernels, states, scale)
-    # The gathered kernels ([P, D, F] each, ~D·F/b values per routed row) and token rows are
-    # gathered again in the backward pass rather than kept: under the layer scan, keeping them
-    # costs zero-filled [L, P, D, F] and [L, P, b, D] stacks written and read once each.
+    # The token rows are gathered again in the backward pass rather than kept: under the layer
+    # scan, keeping them costs a zero-filled [L, P, b, D] stack written and read once.
     regather = jax.checkpoint(run, policy=lambda prim, *_, **__: prim.name != "gather")
     return regather(x_blocks, kernels, states, scale)
 

@@ -248,3 +248,37 @@ def test_moe_impl_choice_and_errors(caplog):
     for bad in (0.5, float("inf"), True, "2"):
         with pytest.raises(ValueError, match="ep_buffer_factor.*must be a number >= 1"):
             ModelConfig.preset("tiny", ep_buffer_factor=bad)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_block_matmul_equals_gathered_kernels_with_gradients(dtype):
+    """expert_compute.block_matmul (one block at a time, custom backward) against the batched
+    einsum over gathered kernels and jax's own gradients of it: outputs, dx and dW (with an
+    expert no block uses, whose dW must be exactly 0), to fp32 noise; bf16 to its rounding."""
+    from dsv3_jax.expert_compute import block_matmul
+
+    c = ModelConfig.preset("tiny", dtype=dtype)
+    P, b, I, O, E = 7, 4, 16, 8, 5
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (P, b, I))
+    kernels = jax.random.normal(kw, (E, I, O))
+    block_expert = jnp.asarray([0, 0, 1, 3, 3, 3, 4], jnp.int32)  # expert 2 unused
+    probe = jax.random.normal(kg, (P, b, O))
+    low = jnp.dtype(dtype)
+
+    def reference(x, kernels):
+        return jnp.einsum("PbI,PIO->PbO", x.astype(low), kernels.astype(low)[block_expert],
+                          preferred_element_type=jnp.float32)
+
+    mine = lambda x, kernels: block_matmul(x, kernels, block_expert, c, jnp.float32)
+    loss = lambda f: jax.jit(jax.value_and_grad(lambda x, w: (f(x, w) * probe).sum(), (0, 1)))
+    (v, (dx, dw)), (v0, (dx0, dw0)) = loss(mine)(x, kernels), loss(reference)(x, kernels)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(jax.jit(mine)(x, kernels), reference(x, kernels), rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(v, v0, rtol=tol)
+    for g, g0 in ((dx, dx0), (dw, dw0)):
+        assert g.dtype == g0.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g0, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(g0).max()))
+    assert float(jnp.abs(dw[2]).max()) == 0.0

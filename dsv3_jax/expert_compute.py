@@ -2,8 +2,8 @@
 
 `ModelConfig.moe_impl` names the computation (dimension key as in `dsv3_jax/moe.py`; M rows
 sorted by expert, M = N·K here):
-  * "blocks": dropless; assignments sorted by expert into padded blocks, one batched matmul
-    with each block's expert weight gathered (`moe.grouped_swiglu`). Fast on XLA:CPU.
+  * "blocks": dropless; assignments sorted by expert into padded blocks, each block a plain
+    matmul on its expert's kernels (`block_matmul`, via `moe.grouped_swiglu`). Fast on XLA:CPU.
   * "ragged": dropless; assignments sorted by expert, then `jax.lax.ragged_dot` with the
     per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
     GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.

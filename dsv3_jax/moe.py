@@ -13,8 +13,10 @@ Expert compute (dimension key: N tokens, K experts per token, E experts, D model
 hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_impl`
 (`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU, blocks on CPU):
   * blocks (dropless): assignments sorted by expert, each expert's run padded to a multiple of
-    `expert_block_size`, then one batched matmul over blocks with each block's expert weight
-    gathered — cost ∝ N·K + E·b, nothing dropped, no `ragged_dot` (slow on XLA:CPU).
+    `expert_block_size`, then each block a plain matmul on its expert's kernels as stored
+    (`expert_compute.block_matmul`, one block at a time; under an FP8 recipe or expert
+    parallelism one batched matmul over gathered kernels) — cost ∝ N·K + E·b, nothing dropped,
+    no `ragged_dot` (slow on XLA:CPU).
   * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
     with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
   * few tokens (`few_token_path`, e.g. a decode step or a speculative verify): "sliced", each

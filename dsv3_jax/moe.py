@@ -204,15 +204,13 @@ def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, confi
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig, *, rows: jax.Array | None = None,
-                   scale: jax.Array | None = None, out_dtype=None,
-                   by_block: bool = True) -> jax.Array:
+                   scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
     """Token blocks through their blocks' experts: block p through expert block_expert[p] of
-    weights = (gate [E, D, F], up [E, D, F], down [E, F, D]). Without an FP8 recipe and with
-    `by_block`, one block at a time on its expert's kernels as stored
-    (`expert_compute.block_matmul`); otherwise each block's kernels are gathered for one
-    batched GEMM (the recipe's, one GEMM state per expert tensor). Inside shard_map (expert
-    parallelism) pass by_block=False: block_matmul's own backward pass cannot sum its kernel
-    gradients over the map's other mesh axes.
+    weights = (gate [E, D, F], up [E, D, F], down [E, F, D]). Without an FP8 recipe, one block
+    at a time on its expert's kernels as stored (`expert_compute.block_matmul`); under one, or
+    inside shard_map (expert parallelism, a pipeline stage: block_matmul's own backward pass
+    does not sum its kernel gradients over the map's other mesh axes), each block's kernels are
+    gathered for one batched GEMM (the recipe's, one GEMM state per expert tensor).
 
     Args:
       x_blocks: [P, b, D] token blocks; or, with `rows`, the [N, D] tokens themselves, row
@@ -224,25 +222,27 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
       [P, b, D] in `out_dtype` (default: the compute dtype).
     """
     P = block_expert.shape[0]
+    per_block = config.fp8 == "none" and not jax.sharding.get_abstract_mesh().manual_axes
 
     def run(x, kernels, states, scale):
         if rows is not None:  # inside the checkpoint: the backward pass gathers them again
             x = jnp.take(x, rows, axis=0, mode="clip").reshape(P, -1, x.shape[1])
-        if config.fp8 != "none" or not by_block:  # on each block's gathered kernels
+        if not per_block:  # each block's kernels gathered
             gathered = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
             return swiglu(x, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config,
                           hidden=_scaled(scale), out_dtype=out_dtype)
         return swiglu(x, tuple(Weight(k) for k in kernels), "", "", config,
-                      hidden=_scaled(scale), out_dtype=out_dtype, projection=per_block)
+                      hidden=_scaled(scale), out_dtype=out_dtype, projection=by_block)
 
-    def per_block(_, x, w, config, out_dtype=None):  # `layers.project`'s signature
+    def by_block(_, x, w, config, out_dtype=None):  # `layers.project`'s signature
         return block_matmul(x, w.kernel, block_expert, config, out_dtype)
 
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
         return run(x_blocks, kernels, states, scale)
-    # The token rows are gathered again in the backward pass rather than kept: under the layer
-    # scan, keeping them costs a zero-filled [L, P, b, D] stack written and read once.
+    # The token rows (and gathered kernels, [P, D, F] each) are gathered again in the backward
+    # pass rather than kept: under the layer scan, keeping them costs zero-filled [L, P, b, D]
+    # (and [L, P, D, F]) stacks written and read once each.
     regather = jax.checkpoint(run, policy=lambda prim, *_, **__: prim.name != "gather")
     return regather(x_blocks, kernels, states, scale)
 

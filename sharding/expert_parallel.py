@@ -116,7 +116,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, states, *, con
         block_expert = jnp.minimum(plan.block_expert, El - 1)
         x_blocks = gather_rows(x_r, plan.token).reshape(-1, b, D)
         x_blocks = jnp.where((plan.block_expert < El)[:, None, None], x_blocks, 0)
-        y_slots = grouped_swiglu(x_blocks, block_expert, local_weights, config, by_block=False)
+        y_slots = grouped_swiglu(x_blocks, block_expert, local_weights, config)
         y_slots = y_slots.reshape(-1, D)
         slot = jnp.where(mine, plan.slot, y_slots.shape[0])
     else:

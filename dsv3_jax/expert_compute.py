@@ -133,8 +133,8 @@ def block_matmul(x: jax.Array, kernels: jax.Array, block_expert: jax.Array,
 
 @jax.custom_vjp
 def _block_matmul(x, kernels, block_expert):
-    dot = lambda xp, e: jnp.dot(xp, kernels[e], preferred_element_type=jnp.float32)
-    return jax.lax.map(lambda a: dot(*a), (x, block_expert))
+    return jax.lax.map(lambda a: jnp.dot(a[0], kernels[a[1]], preferred_element_type=jnp.float32),
+                       (x, block_expert))
 
 
 def _block_matmul_fwd(x, kernels, block_expert):

@@ -14,8 +14,8 @@ hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_imp
 (`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU, blocks on CPU):
   * blocks (dropless): assignments sorted by expert, each expert's run padded to a multiple of
     `expert_block_size`, then each block a plain matmul on its expert's kernels as stored
-    (`expert_compute.block_matmul`, one block at a time; under an FP8 recipe or expert
-    parallelism one batched matmul over gathered kernels) — cost ∝ N·K + E·b, nothing dropped,
+    (`expert_compute.block_matmul`, one block at a time; under an FP8 recipe or inside
+    shard_map, one batched matmul over gathered kernels) — cost ∝ N·K + E·b, nothing dropped,
     no `ragged_dot` (slow on XLA:CPU).
   * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
     with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
@@ -227,15 +227,16 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
     def run(x, kernels, states, scale):
         if rows is not None:  # inside the checkpoint: the backward pass gathers them again
             x = jnp.take(x, rows, axis=0, mode="clip").reshape(P, -1, x.shape[1])
-        if not per_block:  # each block's kernels gathered
-            gathered = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
-            return swiglu(x, gathered, "PbD,PDF->PbF", "PbF,PFD->PbD", config,
-                          hidden=_scaled(scale), out_dtype=out_dtype)
-        return swiglu(x, tuple(Weight(k) for k in kernels), "", "", config,
-                      hidden=_scaled(scale), out_dtype=out_dtype, projection=by_block)
+        if per_block:
+            ws, projection = tuple(Weight(k) for k in kernels), by_block
+        else:  # each block's kernels gathered
+            ws = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
+            projection = project
+        return swiglu(x, ws, "PbD,PDF->PbF", "PbF,PFD->PbD", config, hidden=_scaled(scale),
+                      out_dtype=out_dtype, projection=projection)
 
-    def by_block(_, x, w, config, out_dtype=None):  # `layers.project`'s signature
-        return block_matmul(x, w.kernel, block_expert, config, out_dtype)
+    def by_block(_, x, w, c, out_dtype=None):  # `layers.project`'s signature, on [E, ...] w
+        return block_matmul(x, w.kernel, block_expert, c, out_dtype)
 
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
@@ -332,12 +333,9 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     (0 for an empty slot, whose output is then exactly 0, so its row needs no zero fill), and
     each token's K slots are summed: nothing [N, K, D] is kept for the backward pass, since the
     weight's gradient comes from the hidden units the down projection keeps anyway."""
-    N, D = tokens.shape
+    D = tokens.shape[1]
     E, b = config.n_routed_experts, config.expert_block_size
-    if capacity is None:
-        plan = plan_slots(routing.experts, E, block=b)
-    else:
-        plan = plan_slots(routing.experts, E, capacity=capacity)
+    plan = plan_slots(routing.experts, E, block=b if capacity is None else None, capacity=capacity)
     num_slots = plan.token.shape[0]
     slot_weight = jnp.zeros(num_slots, jnp.float32).at[plan.slot.reshape(-1)].set(
         routing.weights.reshape(-1), mode="drop")  # a dropped assignment's slot is num_slots
@@ -367,8 +365,9 @@ class RoutedExperts(nn.Module):
 
     def weights(self) -> tuple[Weight, Weight, Weight]:
         """(gate [E, D, F], up [E, D, F], down [E, F, D]) with their FP8 states. The expert
-        projections go straight through `layers.project` on these (with a per-block gather in
-        the dropless path), locally and under expert parallelism alike."""
+        projections run on these as stored (the dropless blocks' `block_matmul`; a per-block
+        gather under an FP8 recipe or inside shard_map), locally and under expert parallelism
+        alike."""
         return self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()
 
 
@@ -410,7 +409,7 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
     """The routed experts' weighted output [N, D] (fp32) on one device, by the path the
     shapes (`few_token_path`) and `moe_impl` pick."""
     c = config
-    N, D = tokens.shape
+    N = tokens.shape[0]
     E, K = c.n_routed_experts, c.num_experts_per_tok
     few, impl = few_token_path(N, c), resolve_moe_impl(c)
     if few == "dense":

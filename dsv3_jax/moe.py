@@ -177,6 +177,13 @@ def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None
     return SlotPlan(slot.reshape(N, K), token, counts, block_expert)
 
 
+def slot_weights(plan: SlotPlan, weights: jax.Array) -> jax.Array:
+    """[num_slots] fp32: each assignment's routing weight ([N, K]) in its slot; 0 in empty
+    slots (a dropped assignment's slot index is num_slots: nothing written)."""
+    return jnp.zeros(plan.token.shape[0], jnp.float32).at[plan.slot.reshape(-1)].set(
+        weights.reshape(-1).astype(jnp.float32), mode="drop")
+
+
 def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
     """x[index] along axis 0, where index == len(x) selects a row of `fill` (an empty slot or
     dropped assignment).
@@ -337,8 +344,7 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     E, b = config.n_routed_experts, config.expert_block_size
     plan = plan_slots(routing.experts, E, block=b if capacity is None else None, capacity=capacity)
     num_slots = plan.token.shape[0]
-    slot_weight = jnp.zeros(num_slots, jnp.float32).at[plan.slot.reshape(-1)].set(
-        routing.weights.reshape(-1), mode="drop")  # a dropped assignment's slot is num_slots
+    slot_weight = slot_weights(plan, routing.weights)
     if capacity is None:
         y_slots = grouped_swiglu(tokens, plan.block_expert, weights, config, rows=plan.token,
                                  scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32)

@@ -21,7 +21,8 @@ happens at the shard_map boundary):
      `expert` → row block i of what arrives came from shard i.
   3. Each shard keeps the assignments whose expert is its own, sorts them into slots with the
      model's `plan_slots` (one extra "elsewhere" bin that is never read back), runs its El
-     SwiGLU experts, and sums each received token's weighted outputs → y [X, C, D].
+     SwiGLU experts (each slot's routing weight scaling its hidden units, as on one device),
+     and sums each received token's outputs → y [X, C, D].
   4. all_to_all back; token t sums what its visited shards returned; psum over `tensor` (the
      down projection's F was split).
 
@@ -56,7 +57,14 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.expert_compute import platform, resolve_moe_impl
 from dsv3_jax.layers import Weight, dtype_of
-from dsv3_jax.moe import Routing, batched_swiglu, gather_rows, grouped_swiglu, plan_slots
+from dsv3_jax.moe import (
+    Routing,
+    batched_swiglu,
+    gather_rows,
+    grouped_swiglu,
+    plan_slots,
+    slot_weights,
+)
 from sharding import ragged_expert_parallel
 from sharding.mesh import BATCH_AXES
 
@@ -108,26 +116,32 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, states, *, con
     mine = (ids >= 0) & (ids // El == me)
     local = jnp.where(mine, ids - me * El, El)
     x_r = x_recv.reshape(R, D)
+    # The model's combine (`moe.slotted_experts`): each slot's routing weight scales its hidden
+    # units before the down projection (so an FP8 recipe quantizes the same values as on one
+    # device); others' assignments weigh 0.
     if cf is None:
         b = config.expert_block_size
         plan = plan_slots(local, El + 1, block=b)
+        scale = slot_weights(plan, jnp.where(mine, w, 0.0)).reshape(-1, b)
         # Blocks of the "elsewhere" bin are computed (static shapes) but never read back; their
         # rows are zeroed so that they add nothing, not even to an FP8 recipe's amax.
         block_expert = jnp.minimum(plan.block_expert, El - 1)
         x_blocks = gather_rows(x_r, plan.token).reshape(-1, b, D)
         x_blocks = jnp.where((plan.block_expert < El)[:, None, None], x_blocks, 0)
-        y_slots = grouped_swiglu(x_blocks, block_expert, local_weights, config)
+        y_slots = grouped_swiglu(x_blocks, block_expert, local_weights, config, scale=scale,
+                                 out_dtype=jnp.float32)
         y_slots = y_slots.reshape(-1, D)
         slot = jnp.where(mine, plan.slot, y_slots.shape[0])
     else:
         capacity = min(R, math.ceil(cf * X * n * K / E))
         plan = plan_slots(local, El + 1, capacity=capacity)
         kept = El * capacity  # the "elsewhere" bin's slots come last and are not computed
+        scale = slot_weights(plan, jnp.where(mine, w, 0.0))[:kept].reshape(El, capacity)
         x_slots = gather_rows(x_r, plan.token[:kept]).reshape(El, capacity, D)
-        y_slots = batched_swiglu(x_slots, local_weights, config).reshape(kept, D)
+        y_slots = batched_swiglu(x_slots, local_weights, config, scale=scale,
+                                 out_dtype=jnp.float32).reshape(kept, D)
         slot = jnp.where(mine & (plan.slot < kept), plan.slot, kept)
-    y_assign = gather_rows(y_slots, slot)  # [R, K, D]; zero rows for others' / dropped
-    y_part = jnp.einsum("RKD,RK->RD", y_assign.astype(jnp.float32), jnp.where(mine, w, 0.0))
+    y_part = gather_rows(y_slots, slot).sum(1)  # [R, D]; zero rows for others' / dropped
 
     # 4. Back to the senders; each token sums the partial outputs of the shards it visited.
     y_back = to_shards(y_part.astype(dtype).reshape(X, C, D)).reshape(R, D)

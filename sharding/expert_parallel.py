@@ -21,7 +21,7 @@ happens at the shard_map boundary):
      `expert` → row block i of what arrives came from shard i.
   3. Each shard keeps the assignments whose expert is its own, sorts them into slots with the
      model's `plan_slots` (one extra "elsewhere" bin that is never read back), runs its El
-     SwiGLU experts (each slot's routing weight scaling its hidden units, as on one device),
+     SwiGLU experts (each slot scaled by its routing weight, as on one device),
      and sums each received token's outputs → y [X, C, D].
   4. all_to_all back; token t sums what its visited shards returned; psum over `tensor` (the
      down projection's F was split).
@@ -116,9 +116,9 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, states, *, con
     mine = (ids >= 0) & (ids // El == me)
     local = jnp.where(mine, ids - me * El, El)
     x_r = x_recv.reshape(R, D)
-    # The model's combine (`moe.slotted_experts`): each slot's routing weight scales its hidden
-    # units before the down projection (so an FP8 recipe quantizes the same values as on one
-    # device); others' assignments weigh 0.
+    # The model's combine (`moe.slotted_experts`, `moe.scaled_swiglu`): each slot's routing
+    # weight scales its hidden units before the down projection (its output under an FP8 recipe),
+    # as on one device, so a recipe quantizes the same values; others' assignments weigh 0.
     if cf is None:
         b = config.expert_block_size
         plan = plan_slots(local, El + 1, block=b)

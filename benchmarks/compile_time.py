@@ -3,7 +3,9 @@
     python -m benchmarks.compile_time [--layers 4 16]
 
 With the MoE blocks in one `nn.scan`, the compiled program holds one block body whatever the
-depth, so compile time should stay nearly flat as layers grow.
+depth, so compile time should stay nearly flat as layers grow. `layer_loop="auto"` (the
+default) unrolls a forward pass's stack of at most 8 layers, so depths up to 9 (8 MoE layers)
+compile each layer: measured 4.7 s at 4 layers, 7.5 s at 9 (unrolled), 5.2 s at 10 and at 16.
 """
 
 import argparse

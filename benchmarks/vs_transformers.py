@@ -32,6 +32,7 @@ import numpy as np
 from benchmarks.common import bench_config, median_seconds, report
 from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.accounting import flops_per_token
+from dsv3_jax.config import NON_HF_FIELDS
 from dsv3_jax.model import init_cache, init_variables
 from dsv3_jax.training.step import cross_entropy
 
@@ -84,8 +85,12 @@ class Theirs:
 class Ours:
     """Our model on the same checkpoint, variables on device once; jitted calls."""
 
-    def __init__(self, path):
-        self.config, variables = load_hf_checkpoint(path)
+    def __init__(self, path, config):
+        loaded, variables = load_hf_checkpoint(path)
+        # config.json holds only HF fields: the numerics and implementation choices
+        # (expert_block_size, layer_loop, ...) are the benchmarked config's
+        self.config = loaded.replace(**{f: getattr(config, f) for f in NON_HF_FIELDS
+                                        if f != "param_dtype"})
         self.variables = jax.device_put(variables)
         c, net = self.config, DeepSeekV3(self.config)
 
@@ -147,7 +152,7 @@ def main():
     peak = matmul_peak(torch)
     with tempfile.TemporaryDirectory() as path:
         save_hf_checkpoint(path, config, init_variables(config, jax.random.key(0)))
-        ours, theirs = Ours(path), Theirs(path, torch, transformers)
+        ours, theirs = Ours(path, config), Theirs(path, torch, transformers)
     rng = np.random.default_rng(0)
     tokens = lambda b, t: rng.integers(0, config.vocab_size, (b, t), dtype=np.int64)
     forward = lambda seq: flops_per_token(config, seq, include_mtp=False) / 3

@@ -7,7 +7,10 @@ State (`moe_bias` collection): e_score_correction_bias [L_moe + num_mtp, E] floa
 MoE layer (main stack first, then MTP blocks), updated outside the gradient by the sign rule.
 
 Both block stacks are `nn.scan`s with a leading `layers` axis, so compile time does not grow with
-depth and a pipeline stage is a slice of the stack.
+depth and a pipeline stage is a slice of the stack. `ModelConfig.layer_loop` unrolls a short
+stack's scan in a pass without a decode cache (same parameters): each layer then reads its
+weights and writes its residuals as plain slices, not per-iteration dynamic slices into
+zero-filled [L, ...] stacks.
 
 MTP (REFERENCE §4, HF MtpModel semantics): h⁰ = the main model's final normed hidden state;
 depth k (0-based) sees token t_{i+k+1} at position i:
@@ -74,10 +77,11 @@ class _CarriedBlock(Block):
         return (x, None if cache is None else cache.stack), (counts, balance)
 
 
-def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str):
+def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str,
+           cached: bool = False):
     """`length` Blocks as one nn.scan with a leading `layers` axis on every parameter, called
     as stack((x, cache or None), positions, cache_index, bias [L, E] or None) →
-    ((x, cache), (counts, balance))."""
+    ((x, cache), (counts, balance)); `cached`: a cache is given (`ModelConfig.unrolled`)."""
     block = _CarriedBlock
     policy = remat_policy(config.remat_policy)
     if policy is not None:
@@ -89,6 +93,7 @@ def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str)
         in_axes=(nn.broadcast, nn.broadcast, 0, 0),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
+        unroll=length if config.unrolled(length, cached) else 1,  # same parameters
     )(config, moe, absorb, name=name)
     return lambda carry, positions, cache_index, bias: scan(
         carry, positions, cache_index, bias, jnp.arange(length, dtype=jnp.int32))
@@ -150,14 +155,14 @@ class DeepSeekV3(nn.Module):
         get = lambda key: None if cache is None else cache[key]
 
         if c.num_dense_layers:
-            (x, new), _ = _stack(c, False, absorb, c.num_dense_layers, "dense_layers")(
-                (x, get("dense")), positions, cache_index, None)
+            (x, new), _ = _stack(c, False, absorb, c.num_dense_layers, "dense_layers",
+                                 cache is not None)((x, get("dense")), positions, cache_index, None)
             if cache is not None:
                 cache["dense"] = new
         counts, balance = [], []
         if c.num_moe_layers:
             (x, new), (layer_counts, layer_balance) = _stack(
-                c, True, absorb, c.num_moe_layers, "moe_layers")(
+                c, True, absorb, c.num_moe_layers, "moe_layers", cache is not None)(
                 (x, get("moe")), positions, cache_index, bias[:c.num_moe_layers])
             counts.append(layer_counts)
             balance.append(layer_balance)

@@ -127,9 +127,11 @@ def test_two_mtp_depths_match_a_loop_over_the_submodules():
                                    err_msg=f"depth {k}")
 
 
-@pytest.mark.parametrize("q_lora", [True, False])
-def test_greedy_generate_equals_repeated_full_forward(q_lora):
-    c = ModelConfig.preset("tiny")
+@pytest.mark.parametrize("q_lora, layer_loop", [(True, "auto"), (False, "auto"),
+                                                (True, "unrolled")])
+def test_greedy_generate_equals_repeated_full_forward(q_lora, layer_loop):
+    """"auto": scanned decode steps against unrolled full forwards; "unrolled": both unrolled."""
+    c = ModelConfig.preset("tiny", layer_loop=layer_loop)
     if not q_lora:
         c = dataclasses.replace(c, q_lora_rank=None)
     v = nn.unbox(init_variables(c, jax.random.key(4)))

@@ -151,8 +151,8 @@ def remat_case():
         (model.num_moe_layers + model.num_nextn_predict_layers, model.n_routed_experts))}
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, model.vocab_size)
 
-    def loss_and_grads(policy):
-        net = DeepSeekV3(model.replace(remat_policy=policy))
+    def loss_and_grads(policy, layer_loop="auto"):
+        net = DeepSeekV3(model.replace(remat_policy=policy, layer_loop=layer_loop))
 
         def loss(p):
             out = net.apply({"params": p, "moe_bias": bias}, tokens[:, :-1], mtp=False)
@@ -181,6 +181,24 @@ def test_remat_policy_leaves_loss_and_grads_unchanged(remat_case, policy):
     # Rematerialization recomputes the same fp32 ops: 1e-6 relative on the loss and 1e-5 of
     # each leaf's largest gradient entry allow a different fusion order (measured: bitwise
     # equal for every policy).
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(g, g0, rtol=0, atol=1e-5 * float(jnp.abs(g0).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_scanned_layers_equal_unrolled(remat_case, policy):
+    """layer_loop "scan" (a loop over the stacked layers) against the reference's "auto" (the
+    tiny model's short stacks unrolled: a different program over the same parameters): the
+    same fp32 ops, so 1e-6 on the loss and 1e-5 of each leaf's largest gradient entry
+    (measured: max 2e-7 of it)."""
+    (loss0, grads0), loss_and_grads = remat_case
+    model = run_config.model_config(tiny_run())
+    assert model.unrolled(model.num_moe_layers) and not model.unrolled(model.num_moe_layers,
+                                                                         cached=True)
+    assert not model.replace(layer_loop="scan").unrolled(1)
+    (loss, grads), _ = loss_and_grads(policy, "scan")
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads0)):
         np.testing.assert_allclose(g, g0, rtol=0, atol=1e-5 * float(jnp.abs(g0).max()),

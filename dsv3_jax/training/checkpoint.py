@@ -32,7 +32,8 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 CORRUPTED_DIR = "corrupted_checkpoints"
 # Model fields that change how the model computes but not what it is: may differ on resume.
-_NUMERICS_FIELDS = frozenset({"dtype", "remat_policy", "capacity_factor", "expert_block_size"})
+_NUMERICS_FIELDS = frozenset({"dtype", "remat_policy", "layer_loop", "capacity_factor",
+                              "expert_block_size"})
 
 
 def saved_steps(workdir: str) -> list[int]:

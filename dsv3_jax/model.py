@@ -84,8 +84,11 @@ def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str,
     ((x, cache), (counts, balance)); `cached`: a cache is given (`ModelConfig.unrolled`)."""
     block = _CarriedBlock
     policy = remat_policy(config.remat_policy)
+    unrolled = config.unrolled(length, cached)
     if policy is not None:
-        block = nn.remat(_CarriedBlock, policy=policy, prevent_cse=False)
+        # prevent_cse=False is safe only inside a loop body: in an unrolled stack XLA would
+        # merge the recomputation with the forward pass and keep the activations after all.
+        block = nn.remat(_CarriedBlock, policy=policy, prevent_cse=not unrolled)
     scan = nn.scan(
         block,
         variable_axes={"params": 0, "fp8": 0},  # per-layer FP8 scaling state, like params
@@ -93,7 +96,7 @@ def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str,
         in_axes=(nn.broadcast, nn.broadcast, 0, 0),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
-        unroll=length if config.unrolled(length, cached) else 1,  # same parameters
+        unroll=length if unrolled else 1,  # same parameters either way
     )(config, moe, absorb, name=name)
     return lambda carry, positions, cache_index, bias: scan(
         carry, positions, cache_index, bias, jnp.arange(length, dtype=jnp.int32))

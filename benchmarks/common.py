@@ -36,12 +36,13 @@ def bench_config(name: str, **overrides) -> ModelConfig:
 
 
 def median_seconds(fn, repeats: int = 5, setup=lambda: ()) -> float:
-    """Median wall seconds of fn(*setup()) after one warm-up call; setup() is not timed. fn
-    must block until its result is ready (a jax call: see `seconds_per_call`)."""
+    """Median wall seconds of fn(*setup()) after one warm-up call; setup() is not timed (its
+    jax arrays are waited for: dispatched asynchronously, they would be finished on fn's
+    clock). fn must block until its result is ready (a jax call: see `seconds_per_call`)."""
     fn(*setup())
     times = []
     for _ in range(repeats):
-        state = setup()
+        state = jax.block_until_ready(setup())
         start = time.perf_counter()
         fn(*state)
         times.append(time.perf_counter() - start)

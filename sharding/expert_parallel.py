@@ -119,10 +119,11 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, states, *, con
     # The model's combine (`moe.slotted_experts`, `moe.scaled_swiglu`): each slot's routing
     # weight scales its hidden units before the down projection (its output under an FP8 recipe),
     # as on one device, so a recipe quantizes the same values; others' assignments weigh 0.
+    w_mine = jnp.where(mine, w, 0.0)
     if cf is None:
         b = config.expert_block_size
         plan = plan_slots(local, El + 1, block=b)
-        scale = slot_weights(plan, jnp.where(mine, w, 0.0)).reshape(-1, b)
+        scale = slot_weights(plan, w_mine).reshape(-1, b)
         # Blocks of the "elsewhere" bin are computed (static shapes) but never read back; their
         # rows are zeroed so that they add nothing, not even to an FP8 recipe's amax.
         block_expert = jnp.minimum(plan.block_expert, El - 1)
@@ -136,7 +137,7 @@ def _per_device(x, experts, weights, valid, w_gate, w_up, w_down, states, *, con
         capacity = min(R, math.ceil(cf * X * n * K / E))
         plan = plan_slots(local, El + 1, capacity=capacity)
         kept = El * capacity  # the "elsewhere" bin's slots come last and are not computed
-        scale = slot_weights(plan, jnp.where(mine, w, 0.0))[:kept].reshape(El, capacity)
+        scale = slot_weights(plan, w_mine)[:kept].reshape(El, capacity)
         x_slots = gather_rows(x_r, plan.token[:kept]).reshape(El, capacity, D)
         y_slots = batched_swiglu(x_slots, local_weights, config, scale=scale,
                                  out_dtype=jnp.float32).reshape(kept, D)

@@ -176,31 +176,33 @@ def test_remat_policy_leaves_loss_and_grads_unchanged(remat_case, policy):
     (loss0, grads0), checkpoints0, loss_and_grads = remat_case
     (loss, grads), checkpoints = loss_and_grads(policy)
     assert checkpoints > checkpoints0  # the policy reaches the program
-    # Rematerialization recomputes the same fp32 ops: 1e-6 relative on the loss and 1e-5 of
-    # each leaf's largest gradient entry allow a different fusion order (measured: bitwise
-    # equal for every policy).
+    # Rematerialization recomputes the same fp32 ops (measured: bitwise equal for every policy).
+    assert_same_loss_and_grads((loss, grads), (loss0, grads0))
+
+
+def assert_same_loss_and_grads(got, want):
+    """The same fp32 ops in another program: 1e-6 relative on the loss and 1e-5 of each leaf's
+    largest gradient entry allow a different fusion order."""
+    (loss, grads), (loss0, grads0) = got, want
     np.testing.assert_allclose(loss, loss0, rtol=1e-6)
     for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads0)):
         np.testing.assert_allclose(g, g0, rtol=0, atol=1e-5 * float(jnp.abs(g0).max()),
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("policy", ["none", "full"])
-def test_scanned_layers_equal_unrolled(remat_case, policy):
-    """layer_loop "scan" (a loop over the stacked layers) against the reference's "auto" (the
-    tiny model's short stacks unrolled: a different program over the same parameters): the
-    same fp32 ops, so 1e-6 on the loss and 1e-5 of each leaf's largest gradient entry
-    (measured: bitwise equal, with and without remat)."""
-    (loss0, grads0), _, loss_and_grads = remat_case
+@pytest.mark.parametrize("layer_loop, policy", [("scan", "none"), ("unrolled", "full")])
+def test_scanned_layers_equal_unrolled(remat_case, layer_loop, policy):
+    """The reference's "auto" (the tiny model's short stacks unrolled, no remat) against a
+    scanned stack, and against an unrolled one with remat (its own prevent_cse branch): other
+    programs over the same parameters (measured: bitwise equal)."""
+    (loss0, grads0), checkpoints0, loss_and_grads = remat_case
     model = run_config.model_config(tiny_run())
     assert model.unrolled(model.num_moe_layers) and not model.unrolled(model.num_moe_layers,
                                                                          cached=True)
-    assert not model.replace(layer_loop="scan").unrolled(1)
-    (loss, grads), _ = loss_and_grads(policy, "scan")
-    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
-    for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads0)):
-        np.testing.assert_allclose(g, g0, rtol=0, atol=1e-5 * float(jnp.abs(g0).max()),
-                                   err_msg=jax.tree_util.keystr(path))
+    assert not model.replace(remat_policy="full").unrolled(model.num_moe_layers)
+    (loss, grads), checkpoints = loss_and_grads(policy, layer_loop)
+    assert (checkpoints > checkpoints0) == (policy != "none")
+    assert_same_loss_and_grads((loss, grads), (loss0, grads0))
 
 
 @pytest.mark.slow

@@ -115,46 +115,68 @@ def ragged_experts(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight,
 
 
 def block_matmul(x: jax.Array, kernels: jax.Array, block_expert: jax.Array,
-                 config: ModelConfig, out_dtype=None) -> jax.Array:
+                 config: ModelConfig, out_dtype=None, used: jax.Array | None = None) -> jax.Array:
     """x [P, b, I] token blocks, block p times kernels[block_expert[p]] ([E, I, O] stacked
     kernels): [P, b, O], operands in the compute dtype, fp32 accumulation, out in `out_dtype`
     (default the compute dtype).
 
-    One block at a time (`lax.map`), each a plain matmul on its expert's kernel as stored: no
+    One block at a time (a loop), each a plain matmul on its expert's kernel as stored: no
     [P, I, O] buffer of gathered kernels, and on XLA:CPU a sequence of plain dots runs faster
     than the batched dot over gathered kernels (measured on 2 cores, 144 blocks of 64 × 256 by
     256 × 128: 35-39 ms forward and backward against 55-58). The backward pass is the same: dx
     one block at a time, dW accumulated into each block's expert. Not for use inside shard_map:
-    dW is not summed over the map's other axes (JAX refuses the mismatched type)."""
+    dW is not summed over the map's other axes (JAX refuses the mismatched type).
+
+    `used` (int32 scalar, default P): only blocks [0, used) are computed, forward and backward;
+    the rest come out 0 and get no gradient. A dropless slot buffer is sized for any routing
+    (⌈N·K/b⌉ + E blocks) but a routing fills about N·K/b + E/2 of them (`moe.plan_slots`'
+    `used_blocks`), so the loop stops where the filled blocks end."""
     dtype = dtype_of(config.dtype)
-    out = _block_matmul(x.astype(dtype), kernels.astype(dtype), block_expert)
+    used = jnp.asarray(x.shape[0] if used is None else used, jnp.int32)
+    out = _block_matmul(x.astype(dtype), kernels.astype(dtype), block_expert, used)
     return out.astype(dtype if out_dtype is None else out_dtype)
 
 
+def _by_block(count, a, kernels, block_expert, product):
+    """[P, b, O] fp32: product(a[p], kernels[block_expert[p]]) for p < count, 0 after.
+
+    A loop over all P blocks whose body skips the product past `count` (a `cond`), rather
+    than a loop of `count` trips: the program keeps a static trip count, so XLA's cost
+    analysis (the AOT report's FLOPs) still counts every block, an upper bound."""
+    shape = jax.eval_shape(product, a[0], kernels[0])
+
+    def block(p):
+        return jax.lax.cond(p < count, lambda: product(a[p], kernels[block_expert[p]]),
+                            lambda: jnp.zeros(shape.shape, shape.dtype))
+
+    return jax.lax.map(block, jnp.arange(a.shape[0]))
+
+
+def _dot(a, w):
+    return jnp.dot(a, w, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
-def _block_matmul(x, kernels, block_expert):
-    return jax.lax.map(lambda a: jnp.dot(a[0], kernels[a[1]], preferred_element_type=jnp.float32),
-                       (x, block_expert))
+def _block_matmul(x, kernels, block_expert, used):
+    return _by_block(used, x, kernels, block_expert, _dot)
 
 
-def _block_matmul_fwd(x, kernels, block_expert):
-    return _block_matmul(x, kernels, block_expert), (x, kernels, block_expert)
+def _block_matmul_fwd(x, kernels, block_expert, used):
+    return _block_matmul(x, kernels, block_expert, used), (x, kernels, block_expert, used)
 
 
 def _block_matmul_bwd(residuals, g):
-    x, kernels, block_expert = residuals
+    x, kernels, block_expert, used = residuals
     g = g.astype(x.dtype)
-    dx = jax.lax.map(lambda a: jnp.dot(a[0], kernels[a[1]].T, preferred_element_type=jnp.float32),
-                     (g, block_expert))
+    dx = _by_block(used, g, kernels, block_expert, lambda a, w: _dot(a, w.T))
 
     def add_block(p, dw):
         e = block_expert[p]
-        return dw.at[e].add(jnp.dot(x[p].T, g[p], preferred_element_type=jnp.float32))
+        return jax.lax.cond(p < used, lambda: dw.at[e].add(_dot(x[p].T, g[p])), lambda: dw)
 
     dw = jax.lax.fori_loop(0, x.shape[0], add_block, jnp.zeros(kernels.shape, jnp.float32))
-    return (dx.astype(x.dtype), dw.astype(kernels.dtype),
-            np.zeros(block_expert.shape, jax.dtypes.float0))
+    float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
+    return dx.astype(x.dtype), dw.astype(kernels.dtype), float0(block_expert), float0(used)
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
-

@@ -143,19 +143,39 @@ def _gemm_plan(eqn: str):
 
 
 def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum(eqn, x, w) in float32 as one dot_general whose contracted and batch dimensions
-    go in w's axis order, so the weight is read as stored. jnp.einsum orders them
-    alphabetically: for "BTNA,NAD->BTD" that is (A, N), and XLA:CPU then copied the kernel
-    transposed on every call (each decode step, each layer)."""
+    """einsum(eqn, x, w) in float32 as one dot_general of (at most) 2-D operands: each run of
+    row, contracted and column letters that sits together in both its operands and the output
+    is merged into one dimension by a free reshape, and the contracted and batch dimensions go
+    in w's axis order, so the weight is read as stored.
+
+    Why: jnp.einsum orders contracted dimensions alphabetically (for "BTNA,NAD->BTD" that is
+    (A, N)), and XLA:CPU then copied the kernel transposed on every call; and the backward pass
+    of a dot with two row dimensions ("BTD,DF->BTF"), a weight gradient contracting over both,
+    ran as a strided transpose of the [B, T, F] cotangent fused into the elementwise op before
+    it (measured on 2 cores, a [8, 256, 256] SwiGLU with F = 768, forward and backward:
+    64 ms as written against 35 ms with [B·T] rows)."""
     group, rows, contract, cols, out = _gemm_plan(eqn)
     xs, ws, _ = _letters(eqn)
+    summed = "".join(c for c in ws if c in contract)  # w's order
+    size = {**dict(zip(xs, x.shape, strict=True)), **dict(zip(ws, w.shape, strict=True))}
+    runs = {"0": (rows, xs, out), "1": (summed, xs, ws), "2": (cols, ws, out)}
+    merges = {tag: run for tag, (run, *where) in runs.items()
+              if len(run) > 1 and all(run in letters for letters in where)}
+    for tag, run in merges.items():
+        xs, ws, out = (letters.replace(run, tag) for letters in (xs, ws, out))
+        size[tag] = math.prod(size[c] for c in run)
+    x, w = x.reshape([size[c] for c in xs]), w.reshape([size[c] for c in ws])
     batch = [c for c in ws if c in group]
-    summed = [c for c in ws if c in contract]
+    summed = [c for c in ws if c not in group and c in xs]
     dims = (([xs.index(c) for c in summed], [ws.index(c) for c in summed]),
             ([xs.index(c) for c in batch], [ws.index(c) for c in batch]))
     y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
-    letters = "".join(batch) + rows + cols  # dot_general's order: batch, x's free, w's free
-    return jnp.transpose(y, [letters.index(c) for c in out])
+    letters = "".join(batch) + "".join(c for c in xs if c not in ws) + "".join(
+        c for c in ws if c not in xs)  # dot_general's order: batch, x's free, w's free
+    y = jnp.transpose(y, [letters.index(c) for c in out])
+    for tag, run in merges.items():
+        out = out.replace(tag, run)
+    return y.reshape([size[c] for c in out])
 
 
 def _to_gemm(eqn: str, x: jax.Array, w: jax.Array):

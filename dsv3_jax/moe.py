@@ -144,6 +144,7 @@ class SlotPlan(NamedTuple):
     token: jax.Array  # [num_slots] token held by each slot; == N for an empty slot
     counts: jax.Array  # [E] assignments routed to each expert (before any drop)
     block_expert: jax.Array | None  # [num_slots // b] expert of each block (dropless)
+    used_blocks: jax.Array | None  # int32 scalar: blocks [0, used_blocks) hold the assignments
 
 
 def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None,
@@ -164,7 +165,7 @@ def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None
     if capacity is not None:
         num_slots = num_experts * capacity
         slot_sorted = jnp.where(rank < capacity, sorted_experts * capacity + rank, num_slots)
-        block_expert = None
+        block_expert = used_blocks = None
     else:
         padded = (counts + block - 1) // block * block
         num_blocks = math.ceil(N * K / block) + num_experts
@@ -172,10 +173,11 @@ def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None
         slot_sorted = (jnp.cumsum(padded) - padded)[sorted_experts] + rank
         block_expert = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), padded // block,
                                   total_repeat_length=num_blocks)
+        used_blocks = (padded.sum() // block).astype(jnp.int32)
     slot = jnp.zeros(N * K, jnp.int32).at[order].set(slot_sorted.astype(jnp.int32))
     token = jnp.full(num_slots + 1, N, jnp.int32).at[slot].set(
         jnp.arange(N * K, dtype=jnp.int32) // K)[:num_slots]
-    return SlotPlan(slot.reshape(N, K), token, counts, block_expert)
+    return SlotPlan(slot.reshape(N, K), token, counts, block_expert, used_blocks)
 
 
 def slot_weights(plan: SlotPlan, weights: jax.Array) -> jax.Array:
@@ -212,7 +214,8 @@ def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, confi
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig, *, rows: jax.Array | None = None,
-                   scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
+                   scale: jax.Array | None = None, out_dtype=None,
+                   used_blocks: jax.Array | None = None) -> jax.Array:
     """Token blocks through their blocks' experts: block p through expert block_expert[p] of
     weights = (gate [E, D, F], up [E, D, F], down [E, F, D]). Without an FP8 recipe, one block
     at a time on its expert's kernels as stored (`expert_compute.block_matmul`); under one, or
@@ -226,6 +229,8 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
         slot i of the [P·b] slots.
       scale: [P, b] each slot's routing weight (0 for an empty slot, whose output is then
         exactly 0), applied by `scaled_swiglu`.
+      used_blocks: int32 scalar, blocks past it are empty (`SlotPlan.used_blocks`): the
+        per-block path skips them (their output is 0); the gathered path computes them.
     Returns:
       [P, b, D] in `out_dtype` (default: the compute dtype).
     """
@@ -244,7 +249,7 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
                              out_dtype=out_dtype, projection=projection)
 
     def by_block(_, x, w, c, out_dtype=None):  # `layers.project`'s signature, on [E, ...] w
-        return block_matmul(x, w.kernel, block_expert, c, out_dtype)
+        return block_matmul(x, w.kernel, block_expert, c, out_dtype, used=used_blocks)
 
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
@@ -363,7 +368,8 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     slot_weight = slot_weights(plan, routing.weights)
     if capacity is None:
         y_slots = grouped_swiglu(tokens, plan.block_expert, weights, config, rows=plan.token,
-                                 scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32)
+                                 scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32,
+                                 used_blocks=plan.used_blocks)
         y_assign = jnp.take(y_slots.reshape(num_slots, D), plan.slot, axis=0, mode="clip")
     else:
         x_slots = jnp.take(tokens, plan.token, axis=0, mode="clip").reshape(E, capacity, D)

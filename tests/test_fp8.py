@@ -105,19 +105,24 @@ def test_blockwise_gemm_forward_and_both_gradients_track_float32():
 
 @pytest.mark.parametrize("recipe", ["none", "delayed", "blockwise"])
 @pytest.mark.parametrize("eqn, xs, ws", [
-    ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5)),  # MLA q projection
+    ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5)),  # MLA q projection ("none": rows, columns merged)
     ("BTQ,QNH->BNTH", (2, 3, 8), (8, 4, 5)),  # heads ahead of positions in the output
     ("BTNA,NAD->BTD", (2, 3, 4, 5), (4, 5, 7)),  # o_proj: two contraction axes
     ("BNTA,NAD->BTD", (2, 4, 3, 5), (4, 5, 7)),  # ... not adjacent in x
     ("PbD,PDF->PbF", (3, 4, 8), (3, 8, 6)),  # dropless expert blocks: a group axis
     ("BTNH,CNH->BTNC", (2, 3, 4, 5), (6, 4, 5)),  # absorbed decode: heads as groups
     ("BNTH,CNH->BNTC", (2, 4, 3, 5), (6, 4, 5)),  # ... the group axis inside both
+    ("BTD,DF->BTF", (2, 3, 8), (8, 6)),  # "none" merges the rows B, T into one
+    ("TBD,DF->BTF", (3, 2, 8), (8, 6)),  # ... not when their order differs in the output
+    ("BTD,DNH->BNTH", (2, 3, 8), (8, 4, 5)),  # rows and columns apart in the output
+    ("BTND,DHN->BTH", (2, 3, 4, 5), (5, 6, 4)),  # contractions (N, D) apart in w
 ])
 def test_every_projection_layout_is_exact_on_representable_values(recipe, eqn, xs, ws):
     """Integers in [-7, 7] are exact in E4M3 at per-tensor scale 1 (delayed's initial scale)
     and at block scale 7/448 = 1/64 (every tile and block here holds a 7): nothing rounds, so
     the result is the einsum exactly, which pins the GEMM layout (transposes, group axes,
-    several contraction axes). "none" is the plain projection's own dot_general (contractions
+    several contraction axes). "none" is the plain projection's own dot_general (runs of rows,
+    contractions or columns adjacent in operand and output merged by a reshape, contractions
     in the weight's axis order)."""
     rng = np.random.default_rng(1)
     x = rng.integers(-7, 8, xs).astype(np.float32)

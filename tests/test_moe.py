@@ -250,14 +250,16 @@ def test_moe_impl_choice_and_errors(caplog):
             ModelConfig.preset("tiny", ep_buffer_factor=bad)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_block_matmul_equals_gathered_kernels_with_gradients(dtype):
+@pytest.mark.parametrize("dtype, used", [("float32", None), ("bfloat16", None), ("float32", 5)])
+def test_block_matmul_equals_gathered_kernels_with_gradients(dtype, used):
     """expert_compute.block_matmul (one block at a time, custom backward) against the batched
     einsum over gathered kernels and jax's own gradients of it: outputs, dx and dW (with an
     expert no block uses, whose dW must be exactly 0). Both sides multiply the same operands
     with fp32 accumulation (measured: bitwise equal, bf16 included), so 1e-6; in bf16 the
     custom backward multiplies the cotangent rounded to bf16, as the model's bf16 output
-    gives it (measured 5e-3 of the largest gradient), so 1e-2 there."""
+    gives it (measured 5e-3 of the largest gradient), so 1e-2 there. With `used` blocks of
+    the 7, the rest must come out exactly 0 and pass no gradient (reference: those blocks
+    masked)."""
     from dsv3_jax.expert_compute import block_matmul
 
     c = ModelConfig.preset("tiny", dtype=dtype)
@@ -269,11 +271,15 @@ def test_block_matmul_equals_gathered_kernels_with_gradients(dtype):
     probe = jax.random.normal(kg, (P, b, O))
     low = jnp.dtype(dtype)
 
-    def reference(x, kernels):
-        return jnp.einsum("PbI,PIO->PbO", x.astype(low), kernels.astype(low)[block_expert],
-                          preferred_element_type=jnp.float32)
+    live = (jnp.arange(P) < (P if used is None else used))[:, None, None]
 
-    mine = lambda x, kernels: block_matmul(x, kernels, block_expert, c, jnp.float32)
+    def reference(x, kernels):
+        y = jnp.einsum("PbI,PIO->PbO", x.astype(low), kernels.astype(low)[block_expert],
+                       preferred_element_type=jnp.float32)
+        return jnp.where(live, y, 0)
+
+    mine = lambda x, kernels: block_matmul(x, kernels, block_expert, c, jnp.float32,
+                                           used=None if used is None else jnp.int32(used))
     loss = lambda f: jax.jit(jax.value_and_grad(lambda x, w: (f(x, w) * probe).sum(), (0, 1)))
     (v, (dx, dw)), (v0, (dx0, dw0)) = loss(mine)(x, kernels), loss(reference)(x, kernels)
     np.testing.assert_allclose(jax.jit(mine)(x, kernels), reference(x, kernels), rtol=1e-6,
@@ -285,3 +291,6 @@ def test_block_matmul_equals_gathered_kernels_with_gradients(dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g0, np.float32),
                                    rtol=tol, atol=tol * float(jnp.abs(g0).max()))
     assert float(jnp.abs(dw[2]).max()) == 0.0
+    if used is not None:  # blocks 5 and 6 (expert 4 only): nothing out, nothing back
+        assert float(jnp.abs(jax.jit(mine)(x, kernels)[used:]).max()) == 0.0
+        assert float(jnp.abs(dx[used:]).max()) == 0.0 and float(jnp.abs(dw[4]).max()) == 0.0

@@ -2,8 +2,8 @@
 
 `ModelConfig.moe_impl` names the computation (dimension key as in `dsv3_jax/moe.py`; M rows
 sorted by expert, M = N·K here):
-  * "blocks": dropless; assignments sorted by expert into padded blocks, each block a plain
-    matmul on its expert's kernels (`block_matmul`, via `moe.grouped_swiglu`). Fast on XLA:CPU.
+  * "blocks": dropless; assignments sorted by expert into padded blocks, each block plain
+    matmuls on its expert's kernels (`block_swiglu`, via `moe.grouped_swiglu`). Fast on XLA:CPU.
   * "ragged": dropless; assignments sorted by expert, then `jax.lax.ragged_dot` with the
     per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
     GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.
@@ -114,69 +114,103 @@ def ragged_experts(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight,
     return y.reshape(N, K, -1)
 
 
-def block_matmul(x: jax.Array, kernels: jax.Array, block_expert: jax.Array,
-                 config: ModelConfig, out_dtype=None, used: jax.Array | None = None) -> jax.Array:
-    """x [P, b, I] token blocks, block p times kernels[block_expert[p]] ([E, I, O] stacked
-    kernels): [P, b, O], operands in the compute dtype, fp32 accumulation, out in `out_dtype`
-    (default the compute dtype).
-
-    One block at a time (a loop), each a plain matmul on its expert's kernel as stored: no
-    [P, I, O] buffer of gathered kernels, and on XLA:CPU a sequence of plain dots runs faster
-    than the batched dot over gathered kernels (measured on 2 cores, 144 blocks of 64 × 256 by
-    256 × 128: 35-39 ms forward and backward against 55-58). The backward pass is the same: dx
-    one block at a time, dW accumulated into each block's expert. Not for use inside shard_map:
-    dW is not summed over the map's other axes (JAX refuses the mismatched type).
-
-    `used` (int32 scalar, default P): only blocks [0, used) are computed, forward and backward;
-    the rest come out 0 and get no gradient. A dropless slot buffer is sized for any routing
-    (⌈N·K/b⌉ + E blocks) but a routing fills about N·K/b + E/2 of them (`moe.plan_slots`'
-    `used_blocks`), so the loop stops where the filled blocks end."""
-    dtype = dtype_of(config.dtype)
-    used = jnp.asarray(x.shape[0] if used is None else used, jnp.int32)
-    out = _block_matmul(x.astype(dtype), kernels.astype(dtype), block_expert, used)
-    return out.astype(dtype if out_dtype is None else out_dtype)
-
-
-def _by_block(count, a, kernels, block_expert, product):
-    """[P, b, O] fp32: product(a[p], kernels[block_expert[p]]) for p < count, 0 after.
-
-    A loop over all P blocks whose body skips the product past `count` (a `cond`), rather
-    than a loop of `count` trips: the program keeps a static trip count, so XLA's cost
-    analysis (the AOT report's FLOPs) still counts every block, an upper bound."""
-    shape = jax.eval_shape(product, a[0], kernels[0])
-
-    def block(p):
-        return jax.lax.cond(p < count, lambda: product(a[p], kernels[block_expert[p]]),
-                            lambda: jnp.zeros(shape.shape, shape.dtype))
-
-    return jax.lax.map(block, jnp.arange(a.shape[0]))
-
-
 def _dot(a, w):
     return jnp.dot(a, w, preferred_element_type=jnp.float32)
 
 
+def block_swiglu(tokens: jax.Array, rows: jax.Array, weights: tuple[jax.Array, ...],
+                 block_expert: jax.Array, scale: jax.Array, config: ModelConfig,
+                 used: jax.Array | None = None) -> jax.Array:
+    """The routed experts' SwiGLU on token blocks, one block at a time, all three projections
+    in one loop: block p holds tokens[rows[p·b:(p+1)·b]] (an index of N: clamped, an empty
+    slot whose scale is 0) and runs through expert block_expert[p] of weights = (gate [E, D, F],
+    up [E, D, F], down [E, F, D]) as stored, its hidden units multiplied by scale [P, b] before
+    the down projection. Blocks from `used` on are skipped (their output is 0).
+
+    Returns [P, b, D] float32. Operands in the compute dtype, fp32 accumulation and
+    elementwise math. The backward pass is one loop too: per block the down kernel's gradient,
+    the hidden units' gradient, the gate and up kernels' gradients and the block's input
+    gradient, from the gate and up outputs the forward pass keeps ([P, b, F] each).
+
+    Why one loop: as three (one per projection), each block's rows were copied out and its
+    [b, F] outputs written back into [P, b, F] stacks per projection, and the hidden units
+    formed over the whole stack between them; on XLA:CPU those copies cost about half as much
+    as the block GEMMs themselves (small preset, 1024-token prefill). Not for use inside
+    shard_map (the kernels' gradients are not summed over the map's other axes)."""
+    dtype = dtype_of(config.dtype)
+    P, b = scale.shape
+    used = jnp.asarray(P if used is None else used, jnp.int32)
+    kernels = tuple(w.astype(dtype) for w in weights)
+    return _block_swiglu(tokens.astype(dtype), rows.reshape(P, b), *kernels, block_expert,
+                         scale.astype(jnp.float32), used)
+
+
+def _silu_parts(g):
+    sg = jax.nn.sigmoid(g)
+    return g * sg, sg
+
+
+def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used):
+    """(y, g, u) [P, b, ·] float32 of each block (0 past `used`)."""
+    dtype = tokens.dtype
+    P, b = rows.shape
+    D, F = gate.shape[1:]
+
+    def block(p):
+        def run():
+            x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
+            g, u = _dot(x, gate[e]), _dot(x, up[e])
+            h = _silu_parts(g)[0] * u * scale[p][:, None]
+            return _dot(h.astype(dtype), down[e]), g, u
+
+        zeros = lambda n: jnp.zeros((b, n), jnp.float32)
+        return jax.lax.cond(p < used, run, lambda: (zeros(D), zeros(F), zeros(F)))
+
+    return jax.lax.map(block, jnp.arange(P))
+
+
 @jax.custom_vjp
-def _block_matmul(x, kernels, block_expert, used):
-    return _by_block(used, x, kernels, block_expert, _dot)
+def _block_swiglu(tokens, rows, gate, up, down, block_expert, scale, used):
+    return _block_forward(tokens, rows, gate, up, down, block_expert, scale, used)[0]
 
 
-def _block_matmul_fwd(x, kernels, block_expert, used):
-    return _block_matmul(x, kernels, block_expert, used), (x, kernels, block_expert, used)
+def _block_swiglu_fwd(tokens, rows, gate, up, down, block_expert, scale, used):
+    y, g, u = _block_forward(tokens, rows, gate, up, down, block_expert, scale, used)
+    return y, (tokens, rows, gate, up, down, block_expert, scale, used, g, u)
 
 
-def _block_matmul_bwd(residuals, g):
-    x, kernels, block_expert, used = residuals
-    g = g.astype(x.dtype)
-    dx = _by_block(used, g, kernels, block_expert, lambda a, w: _dot(a, w.T))
+def _block_swiglu_bwd(residuals, dy):
+    tokens, rows, gate, up, down, block_expert, scale, used, g_all, u_all = residuals
+    dtype = tokens.dtype
+    P, b = rows.shape
+    D = tokens.shape[1]
 
-    def add_block(p, dw):
-        e = block_expert[p]
-        return jax.lax.cond(p < used, lambda: dw.at[e].add(_dot(x[p].T, g[p])), lambda: dw)
+    def block(p, grads):
+        dgate, dup, ddown = grads
+        x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
+        g, u, s, d = g_all[p], u_all[p], scale[p][:, None], dy[p].astype(dtype)
+        act, sg = _silu_parts(g)
+        ddown = ddown.at[e].add(_dot((act * u * s).astype(dtype).T, d))
+        dh = _dot(d, down[e].T)
+        du = (dh * act * s).astype(dtype)
+        dg = (dh * u * s * sg * (1 + g * (1 - sg))).astype(dtype)
+        dgate, dup = dgate.at[e].add(_dot(x.T, dg)), dup.at[e].add(_dot(x.T, du))
+        dx = _dot(dg, gate[e].T) + _dot(du, up[e].T)
+        return (dgate, dup, ddown), (dx, (dh * act * u).sum(-1))
 
-    dw = jax.lax.fori_loop(0, x.shape[0], add_block, jnp.zeros(kernels.shape, jnp.float32))
+    def maybe(grads, p):
+        skip = lambda: (grads, (jnp.zeros((b, D), jnp.float32), jnp.zeros(b, jnp.float32)))
+        return jax.lax.cond(p < used, block, lambda p, grads: skip(), p, grads)
+
+    zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+    (dgate, dup, ddown), (dx, dscale) = jax.lax.scan(
+        maybe, (zeros(gate), zeros(up), zeros(down)), jnp.arange(P))
+    dtokens = jnp.zeros(tokens.shape, jnp.float32).at[rows.reshape(-1)].add(
+        dx.reshape(P * b, D), mode="drop")
     float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
-    return dx.astype(x.dtype), dw.astype(kernels.dtype), float0(block_expert), float0(used)
+    return (dtokens.astype(dtype), float0(rows), dgate.astype(gate.dtype),
+            dup.astype(up.dtype), ddown.astype(down.dtype), float0(block_expert), dscale,
+            float0(used))
 
 
-_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+_block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)

@@ -13,10 +13,10 @@ Expert compute (dimension key: N tokens, K experts per token, E experts, D model
 hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_impl`
 (`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU, blocks on CPU):
   * blocks (dropless): assignments sorted by expert, each expert's run padded to a multiple of
-    `expert_block_size`, then each block a plain matmul on its expert's kernels as stored
-    (`expert_compute.block_matmul`, one block at a time; under an FP8 recipe or inside
-    shard_map, one batched matmul over gathered kernels) — cost ∝ N·K + E·b, nothing dropped,
-    no `ragged_dot` (slow on XLA:CPU).
+    `expert_block_size`, then each block's projections plain matmuls on its expert's kernels
+    as stored (`expert_compute.block_swiglu`: one loop over the filled blocks; under an FP8
+    recipe or inside shard_map, one batched matmul over gathered kernels) — cost ∝ N·K + E·b,
+    nothing dropped, no `ragged_dot` (slow on XLA:CPU).
   * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
     with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
   * few tokens (`few_token_path`, e.g. a decode step or a speculative verify): "sliced", each
@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.expert_compute import block_matmul, ragged_experts, resolve_moe_impl
+from dsv3_jax.expert_compute import block_swiglu, ragged_experts, resolve_moe_impl
 from dsv3_jax.layers import Einsum, SwiGLU, Weight, dtype_of, product, project
 
 
@@ -218,10 +218,11 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
                    used_blocks: jax.Array | None = None) -> jax.Array:
     """Token blocks through their blocks' experts: block p through expert block_expert[p] of
     weights = (gate [E, D, F], up [E, D, F], down [E, F, D]). Without an FP8 recipe, one block
-    at a time on its expert's kernels as stored (`expert_compute.block_matmul`); under one, or
-    inside shard_map (expert parallelism, a pipeline stage: block_matmul's own backward pass
-    does not sum its kernel gradients over the map's other mesh axes), each block's kernels are
-    gathered for one batched GEMM (the recipe's, one GEMM state per expert tensor).
+    at a time on its expert's kernels as stored, the three projections in one loop
+    (`expert_compute.block_swiglu`); under one, or inside shard_map (expert parallelism, a
+    pipeline stage: block_swiglu's own backward pass does not sum its kernel gradients over the
+    map's other mesh axes), each block's kernels are gathered for one batched GEMM (the
+    recipe's, one GEMM state per expert tensor).
 
     Args:
       x_blocks: [P, b, D] token blocks; or, with `rows`, the [N, D] tokens themselves, row
@@ -235,26 +236,25 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
       [P, b, D] in `out_dtype` (default: the compute dtype).
     """
     P = block_expert.shape[0]
-    per_block = config.fp8 == "none" and not jax.sharding.get_abstract_mesh().manual_axes
+    kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
+    if config.fp8 == "none" and not jax.sharding.get_abstract_mesh().manual_axes:
+        if rows is None:  # the blocks themselves, in order
+            x_blocks = x_blocks.reshape(-1, x_blocks.shape[-1])
+            rows = jnp.arange(x_blocks.shape[0])
+        scale = jnp.ones((P, rows.shape[0] // P), jnp.float32) if scale is None else scale
+        y = block_swiglu(x_blocks, rows, kernels, block_expert, scale, config, used_blocks)
+        return y.astype(dtype_of(config.dtype) if out_dtype is None else out_dtype)
 
     def run(x, kernels, states, scale):
         if rows is not None:  # inside the checkpoint: the backward pass gathers them again
             x = jnp.take(x, rows, axis=0, mode="clip").reshape(P, -1, x.shape[1])
-        if per_block:
-            ws, projection = tuple(Weight(k) for k in kernels), by_block
-        else:  # each block's kernels gathered
-            ws = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
-            projection = project
+        ws = tuple(Weight(k[block_expert], s) for k, s in zip(kernels, states))
         return scaled_swiglu(x, ws, "PbD,PDF->PbF", "PbF,PFD->PbD", config, scale,
-                             out_dtype=out_dtype, projection=projection)
+                             out_dtype=out_dtype)
 
-    def by_block(_, x, w, c, out_dtype=None):  # `layers.project`'s signature, on [E, ...] w
-        return block_matmul(x, w.kernel, block_expert, c, out_dtype, used=used_blocks)
-
-    kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
     if config.fp8 != "none":  # the recipes' scaling state flows through their own VJPs
         return run(x_blocks, kernels, states, scale)
-    # The token rows (and gathered kernels, [P, D, F] each) are gathered again in the backward
+    # The token rows and gathered kernels ([P, D, F] each) are gathered again in the backward
     # pass rather than kept: under the layer scan, keeping them costs zero-filled [L, P, b, D]
     # (and [L, P, D, F]) stacks written and read once each.
     regather = jax.checkpoint(run, policy=lambda prim, *_, **__: prim.name != "gather")
@@ -393,7 +393,7 @@ class RoutedExperts(nn.Module):
 
     def weights(self) -> tuple[Weight, Weight, Weight]:
         """(gate [E, D, F], up [E, D, F], down [E, F, D]) with their FP8 states. The expert
-        projections run on these as stored (the dropless blocks' `block_matmul`; a per-block
+        projections run on these as stored (the dropless blocks' `block_swiglu`; a per-block
         gather under an FP8 recipe or inside shard_map), locally and under expert parallelism
         alike."""
         return self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()

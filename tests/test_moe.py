@@ -251,46 +251,57 @@ def test_moe_impl_choice_and_errors(caplog):
 
 
 @pytest.mark.parametrize("dtype, used", [("float32", None), ("bfloat16", None), ("float32", 5)])
-def test_block_matmul_equals_gathered_kernels_with_gradients(dtype, used):
-    """expert_compute.block_matmul (one block at a time, custom backward) against the batched
-    einsum over gathered kernels and jax's own gradients of it: outputs, dx and dW (with an
-    expert no block uses, whose dW must be exactly 0). Both sides multiply the same operands
-    with fp32 accumulation (measured: bitwise equal, bf16 included), so 1e-6; in bf16 the
-    custom backward multiplies the cotangent rounded to bf16, as the model's bf16 output
-    gives it (measured 5e-3 of the largest gradient), so 1e-2 there. With `used` blocks of
-    the 7, the rest must come out exactly 0 and pass no gradient (reference: those blocks
-    masked)."""
-    from dsv3_jax.expert_compute import block_matmul
+def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
+    """expert_compute.block_swiglu (the three projections one block at a time, custom backward)
+    against the batched einsums over gathered kernels and jax's own gradients of them: output,
+    and the gradients of the tokens, the three kernels and the slot scales. Slots of row N are
+    empty (scale 0, clamped to row N − 1: nothing may reach that token from them); expert 2 is
+    used by no block (its kernel gradients exactly 0). With `used` = 5 of the 7 blocks, blocks
+    5 and 6 (expert 4 only) come out exactly 0 and pass back nothing. fp32: both sides multiply
+    the same operands, so 1e-5 of the largest value; bf16: the hidden units and cotangents are
+    rounded at different points (the reference's projections return bf16), so 3e-2."""
+    from dsv3_jax.expert_compute import block_swiglu
 
     c = ModelConfig.preset("tiny", dtype=dtype)
-    P, b, I, O, E = 7, 4, 16, 8, 5
-    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (P, b, I))
-    kernels = jax.random.normal(kw, (E, I, O))
+    P, b, D, F, E, N = 7, 4, 16, 8, 5, 20
+    ks = jax.random.split(jax.random.key(0), 7)
+    tokens = jax.random.normal(ks[0], (N, D))
+    kernels = (jax.random.normal(ks[1], (E, D, F)) / 4, jax.random.normal(ks[2], (E, D, F)) / 4,
+               jax.random.normal(ks[3], (E, F, D)) / 3)
     block_expert = jnp.asarray([0, 0, 1, 3, 3, 3, 4], jnp.int32)  # expert 2 unused
-    probe = jax.random.normal(kg, (P, b, O))
+    rows = jax.random.randint(ks[4], (P * b,), 0, N).at[jnp.asarray([3, 9, 10, 27])].set(N)
+    scale = jnp.where(rows < N, jax.random.uniform(ks[5], (P * b,)) + .5, 0).reshape(P, b)
+    probe = jax.random.normal(ks[6], (P, b, D))
     low = jnp.dtype(dtype)
-
     live = (jnp.arange(P) < (P if used is None else used))[:, None, None]
 
-    def reference(x, kernels):
-        y = jnp.einsum("PbI,PIO->PbO", x.astype(low), kernels.astype(low)[block_expert],
-                       preferred_element_type=jnp.float32)
+    def reference(tokens, gate, up, down, scale):
+        x = jnp.take(tokens, rows, axis=0, mode="clip").reshape(P, b, D).astype(low)
+        ein = lambda eq, a, w: jnp.einsum(eq, a, w.astype(low)[block_expert],
+                                          preferred_element_type=jnp.float32).astype(low)
+        h = jax.nn.silu(ein("PbD,PDF->PbF", x, gate)) * ein("PbD,PDF->PbF", x, up)
+        y = jnp.einsum("PbF,PFD->PbD", (h * scale[..., None]).astype(low),
+                       down.astype(low)[block_expert], preferred_element_type=jnp.float32)
         return jnp.where(live, y, 0)
 
-    mine = lambda x, kernels: block_matmul(x, kernels, block_expert, c, jnp.float32,
-                                           used=None if used is None else jnp.int32(used))
-    loss = lambda f: jax.jit(jax.value_and_grad(lambda x, w: (f(x, w) * probe).sum(), (0, 1)))
-    (v, (dx, dw)), (v0, (dx0, dw0)) = loss(mine)(x, kernels), loss(reference)(x, kernels)
-    np.testing.assert_allclose(jax.jit(mine)(x, kernels), reference(x, kernels), rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(v, v0, rtol=1e-6)
-    tol = 1e-6 if dtype == "float32" else 1e-2
-    for g, g0 in ((dx, dx0), (dw, dw0)):
+    def mine(tokens, gate, up, down, scale):
+        return block_swiglu(tokens, rows, (gate, up, down), block_expert, scale, c,
+                            None if used is None else jnp.int32(used))
+
+    loss = lambda f: jax.jit(jax.value_and_grad(lambda *a: (f(*a) * probe).sum(),
+                                                tuple(range(5))))
+    args = (tokens, *kernels, scale)
+    (v, grads), (v0, grads0) = loss(mine)(*args), loss(reference)(*args)
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    y, y0 = jax.jit(mine)(*args), reference(*args)
+    np.testing.assert_allclose(y, y0, rtol=tol, atol=tol * float(jnp.abs(y0).max()))
+    np.testing.assert_allclose(v, v0, rtol=tol)
+    for g, g0 in zip(grads, grads0, strict=True):
         assert g.dtype == g0.dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g0, np.float32),
                                    rtol=tol, atol=tol * float(jnp.abs(g0).max()))
-    assert float(jnp.abs(dw[2]).max()) == 0.0
-    if used is not None:  # blocks 5 and 6 (expert 4 only): nothing out, nothing back
-        assert float(jnp.abs(jax.jit(mine)(x, kernels)[used:]).max()) == 0.0
-        assert float(jnp.abs(dx[used:]).max()) == 0.0 and float(jnp.abs(dw[4]).max()) == 0.0
+    assert all(float(jnp.abs(g[2]).max()) == 0.0 for g in grads[1:4])
+    if used is not None:
+        assert float(jnp.abs(y[used:]).max()) == 0.0
+        assert all(float(jnp.abs(g[4]).max()) == 0.0 for g in grads[1:4])
+        assert float(jnp.abs(grads[4][used:]).max()) == 0.0

@@ -155,15 +155,19 @@ _router: _StdoutRouter | None = None
 
 
 class _StdoutRouter:
-    """File descriptor 1 through a pipe: lines that start with `GLOO_PREFIX` go to the log at
-    INFO, every other byte to the real stdout, unchanged and in order.
+    """File descriptor 1 through a pipe: each "[Gloo] …" message (from `GLOO_PREFIX` to the end
+    of its line) goes to the log at INFO, every other byte to the real stdout, unchanged and in
+    order.
 
     Gloo (the CPU collectives of a multi-process job) prints one "[Gloo] Rank r is connected to
     n peer ranks …" line with C++ `std::cout` for every communicator it builds — lazily, at a
-    program's first run, not at initialization — so only a filter on the descriptor itself,
-    for the process's life, keeps them off stdout. Python's prints pass through the same pipe,
-    so the order of everything written to stdout is kept; text without a newline (a progress
-    bar's carriage returns) is passed on as it arrives, once it cannot be a Gloo line.
+    program's first run, not at initialization, and from several threads at once — so only a
+    filter on the descriptor itself, for the process's life, keeps them off stdout. A message
+    is recognized wherever it starts, not only at a line start: writes of different threads
+    interleave, so one can land in the middle of another line (CI once saw "…7[Gloo] Rank 3 …").
+    Python's prints pass through the same pipe, so the order of everything written to stdout is
+    kept; text without a newline (a progress bar's carriage returns) is passed on as it
+    arrives, except a tail that might be the start of a message.
     """
 
     def __init__(self):
@@ -178,37 +182,36 @@ class _StdoutRouter:
         atexit.register(self.close)
 
     def _forward(self, read_fd: int) -> None:
-        pending, line_start = b"", True
+        pending = b""
         try:
             while chunk := os.read(read_fd, 65536):
-                pending, line_start = self._route(pending + chunk, line_start)
-            if pending:  # an unterminated last line
-                self._emit(pending, line_start and pending.startswith(GLOO_PREFIX))
+                pending = self._route(pending + chunk)
+            if pending:  # an unterminated last message, or a tail that was not one
+                self._emit(pending, pending.startswith(GLOO_PREFIX))
         finally:
             os.close(read_fd)
 
-    def _route(self, data: bytes, line_start: bool) -> tuple[bytes, bool]:
-        """Routes what can be decided; returns (undecided bytes, at a line start)."""
+    def _route(self, data: bytes) -> bytes:
+        """Routes what can be decided; returns the undecided bytes: an unterminated message, or
+        a tail that is a proper prefix of `GLOO_PREFIX`."""
         while data:
-            if line_start:
-                if len(data) < len(GLOO_PREFIX) and GLOO_PREFIX.startswith(data):
-                    return data, True  # might still become a Gloo line
-                if data.startswith(GLOO_PREFIX):
-                    end = data.find(b"\n")
-                    if end < 0:
-                        return data, True  # the rest of the Gloo line is on its way
-                    self._emit(data[:end], True)
-                    data = data[end + 1:]
-                    continue
-            end = data.find(b"\n")
+            at = data.find(GLOO_PREFIX)
+            if at < 0:
+                keep = next((n for n in range(min(len(data), len(GLOO_PREFIX) - 1), 0, -1)
+                             if GLOO_PREFIX.startswith(data[-n:])), 0)
+                self._emit(data[:len(data) - keep], False)
+                return data[len(data) - keep:]
+            self._emit(data[:at], False)
+            end = data.find(b"\n", at)
             if end < 0:
-                self._emit(data, False)
-                return b"", False
-            self._emit(data[:end + 1], False)
-            data, line_start = data[end + 1:], True
-        return b"", line_start
+                return data[at:]  # the rest of the message is on its way
+            self._emit(data[at:end], True)
+            data = data[end + 1:]
+        return b""
 
     def _emit(self, data: bytes, gloo: bool) -> None:
+        if not data:
+            return
         if gloo:
             _log.info("%s", data.decode(errors="replace").rstrip())
             return

@@ -78,25 +78,32 @@ os.write(1, b"oo] Rank 0 is connected to 3 peer ranks. Expected number of connec
             b"ranks is : 3\nprogress\r")
 time.sleep(0.2)
 os.write(1, b"50%\r")
-os.write(1, b"done\n[Glow] not gloo\n")
+os.write(1, b"done\n[Glow] not gloo\nstep 1 [Gl")
+time.sleep(0.2)  # a message from another thread landing mid-line, split after "[Gl"
+os.write(1, b"oo] Rank 2 is connected to 3 peer ranks. Expected number of connected peer "
+            b"ranks is : 3\nloss 2 [Gl")
+os.write(1, b"ow]\n")
 ctypes.CDLL(None).printf(b"[Gloo] Rank 1 from C stdio, flushed at exit\n")
 print("last", end="")
 """
 
 
 def test_gloo_lines_go_from_stdout_to_the_log():
-    """`route_gloo_output` (what initialize_distributed installs for CPU jobs): "[Gloo] …" lines
-    written to fd 1 by anyone (here os.write and C stdio, as gloo's std::cout) are logged at
-    INFO; everything else reaches stdout byte for byte, in order."""
+    """`route_gloo_output` (what initialize_distributed installs for CPU jobs): "[Gloo] …"
+    messages written to fd 1 by anyone (here os.write and C stdio, as gloo's std::cout), at a
+    line start or mid-line, whole or in pieces, are logged at INFO; everything else reaches
+    stdout byte for byte, in order."""
     r = subprocess.run([sys.executable, "-c", ROUTED], capture_output=True, timeout=120,
                        cwd=pathlib.Path(__file__).parent.parent,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout == b"before\npython\nprogress\r50%\rdone\n[Glow] not gloo\nlast", r.stdout
+    assert r.stdout == (b"before\npython\nprogress\r50%\rdone\n[Glow] not gloo\n"
+                        b"step 1 loss 2 [Glow]\nlast"), r.stdout
     err = r.stderr.decode()
     assert ("sharding.mesh INFO [Gloo] Rank 0 is connected to 3 peer ranks. Expected number of "
             "connected peer ranks is : 3\n") in err, err
     assert "sharding.mesh INFO [Gloo] Rank 1 from C stdio, flushed at exit\n" in err, err
+    assert "INFO [Gloo] Rank 2 is connected to 3 peer ranks." in err, err
 
 
 def test_spec_for_priorities_and_size_one_axes():

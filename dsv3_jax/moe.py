@@ -202,14 +202,14 @@ def gather_rows(x: jax.Array, index: jax.Array, fill=0) -> jax.Array:
 
 
 def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, config: ModelConfig,
-           hidden=lambda h: h, out_dtype=None, projection=project) -> jax.Array:
-    """down(silu(x·gate) ⊙ (x·up)) through `projection` (`layers.project`'s signature): `into`
+           hidden=lambda h: h, out_dtype=None) -> jax.Array:
+    """down(silu(x·gate) ⊙ (x·up)) through `layers.project` (under the config's recipe): `into`
     the einsum of x with the gate and up kernels, `out` that of the hidden units with the down
     kernel; `hidden` maps the hidden units before the down projection. Every routed-expert
-    path below is one of these."""
+    path below but the dropless blocks' `expert_compute.block_swiglu` is one of these."""
     gate, up, down = weights
-    h = jax.nn.silu(projection(into, x, gate, config)) * projection(into, x, up, config)
-    return projection(out, hidden(h), down, config, out_dtype=out_dtype)
+    h = jax.nn.silu(project(into, x, gate, config)) * project(into, x, up, config)
+    return project(out, hidden(h), down, config, out_dtype=out_dtype)
 
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
@@ -331,8 +331,7 @@ def batched_swiglu(x_ecd: jax.Array, weights: tuple[Weight, ...], config: ModelC
 
 
 def scaled_swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str,
-                  config: ModelConfig, scale: jax.Array | None, out_dtype=None,
-                  projection=project) -> jax.Array:
+                  config: ModelConfig, scale: jax.Array | None, out_dtype=None) -> jax.Array:
     """`swiglu` with each slot's output multiplied by its `scale` [...] (a routing weight).
 
     Without a precision recipe the scale multiplies the hidden units before the (linear) down
@@ -344,9 +343,8 @@ def scaled_swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str
     if scale is None or config.fp8 == "none":
         hidden = (lambda h: h) if scale is None else (
             lambda h: (h * scale[..., None]).astype(h.dtype))
-        return swiglu(x, weights, into, out, config, hidden=hidden, out_dtype=out_dtype,
-                      projection=projection)
-    y = swiglu(x, weights, into, out, config, out_dtype=jnp.float32, projection=projection)
+        return swiglu(x, weights, into, out, config, hidden=hidden, out_dtype=out_dtype)
+    y = swiglu(x, weights, into, out, config, out_dtype=jnp.float32)
     return (y * scale[..., None]).astype(dtype_of(config.dtype) if out_dtype is None
                                          else out_dtype)
 

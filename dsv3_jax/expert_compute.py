@@ -121,22 +121,27 @@ def _dot(a, w):
 def block_swiglu(tokens: jax.Array, rows: jax.Array, weights: tuple[jax.Array, ...],
                  block_expert: jax.Array, scale: jax.Array, config: ModelConfig,
                  used: jax.Array | None = None) -> jax.Array:
-    """The routed experts' SwiGLU on token blocks, one block at a time, all three projections
-    in one loop: block p holds tokens[rows[p·b:(p+1)·b]] (an index of N: clamped, an empty
-    slot whose scale is 0) and runs through expert block_expert[p] of weights = (gate [E, D, F],
+    """The routed experts' weighted output [N, D] (float32) from token blocks, one block at a
+    time, all three projections and the combine in one loop: block p holds
+    tokens[rows[p·b:(p+1)·b]] (an index of N marks an empty slot: its scale is 0 and its output
+    goes nowhere) and runs through expert block_expert[p] of weights = (gate [E, D, F],
     up [E, D, F], down [E, F, D]) as stored, its hidden units multiplied by scale [P, b] before
-    the down projection. Blocks from `used` on are skipped (their output is 0).
+    the down projection, its [b, D] output added into its tokens' rows. Blocks from `used` on
+    are skipped.
 
-    Returns [P, b, D] float32. Operands in the compute dtype, fp32 accumulation and
-    elementwise math. The backward pass is one loop too: per block the down kernel's gradient,
-    the hidden units' gradient, the gate and up kernels' gradients and the block's input
-    gradient, from the gate and up outputs the forward pass keeps ([P, b, F] each).
+    Operands in the compute dtype, fp32 accumulation and elementwise math. The backward pass is
+    one loop too: per block the down kernel's gradient, the hidden units' gradient, the gate and
+    up kernels' gradients and the tokens' gradient (added into their rows), from the gate and up
+    outputs the forward pass keeps ([P, b, F] each).
 
     Why one loop: as three (one per projection), each block's rows were copied out and its
     [b, F] outputs written back into [P, b, F] stacks per projection, and the hidden units
     formed over the whole stack between them; on XLA:CPU those copies cost about half as much
-    as the block GEMMs themselves (small preset, 1024-token prefill). Not for use inside
-    shard_map (the kernels' gradients are not summed over the map's other axes)."""
+    as the block GEMMs themselves (small preset, 1024-token prefill). Why the combine inside:
+    a [P, b, D] output stack, gathered back into [N, K, D] and summed, took zero-filled
+    [P, b, D] buffers for the output and for both gradients (one MoE layer's fwd+bwd at 4,096
+    small-preset tokens: ~320 → ~280-310 ms). Not for use inside shard_map (the kernels'
+    gradients are not summed over the map's other axes)."""
     dtype = dtype_of(config.dtype)
     P, b = scale.shape
     used = jnp.asarray(P if used is None else used, jnp.int32)
@@ -151,22 +156,25 @@ def _silu_parts(g):
 
 
 def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used):
-    """(y, g, u) [P, b, ·] float32 of each block (0 past `used`)."""
+    """(y [N, D]: each token's scaled expert outputs summed, (g, u) [P, b, F] float32 of each
+    block, 0 past `used`)."""
     dtype = tokens.dtype
     P, b = rows.shape
-    D, F = gate.shape[1:]
+    F = gate.shape[2]
 
-    def block(p):
-        def run():
+    def block(y, p):
+        def run(y):
             x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
             g, u = _dot(x, gate[e]), _dot(x, up[e])
             h = _silu_parts(g)[0] * u * scale[p][:, None]
-            return _dot(h.astype(dtype), down[e]), g, u
+            y = y.at[rows[p]].add(_dot(h.astype(dtype), down[e]), mode="drop")
+            return y, (g, u)
 
-        zeros = lambda n: jnp.zeros((b, n), jnp.float32)
-        return jax.lax.cond(p < used, run, lambda: (zeros(D), zeros(F), zeros(F)))
+        zeros = jnp.zeros((b, F), jnp.float32)
+        return jax.lax.cond(p < used, run, lambda y: (y, (zeros, zeros)), y)
 
-    return jax.lax.map(block, jnp.arange(P))
+    y, (g, u) = jax.lax.scan(block, jnp.zeros(tokens.shape, jnp.float32), jnp.arange(P))
+    return y, g, u
 
 
 @jax.custom_vjp
@@ -183,12 +191,12 @@ def _block_swiglu_bwd(residuals, dy):
     tokens, rows, gate, up, down, block_expert, scale, used, g_all, u_all = residuals
     dtype = tokens.dtype
     P, b = rows.shape
-    D = tokens.shape[1]
 
     def block(p, grads):
-        dgate, dup, ddown = grads
+        dtokens, dgate, dup, ddown = grads
         x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
-        g, u, s, d = g_all[p], u_all[p], scale[p][:, None], dy[p].astype(dtype)
+        d = jnp.take(dy, rows[p], axis=0, mode="fill", fill_value=0).astype(dtype)
+        g, u, s = g_all[p], u_all[p], scale[p][:, None]
         act, sg = _silu_parts(g)
         ddown = ddown.at[e].add(_dot((act * u * s).astype(dtype).T, d))
         dh = _dot(d, down[e].T)
@@ -196,17 +204,16 @@ def _block_swiglu_bwd(residuals, dy):
         dg = (dh * u * s * sg * (1 + g * (1 - sg))).astype(dtype)
         dgate, dup = dgate.at[e].add(_dot(x.T, dg)), dup.at[e].add(_dot(x.T, du))
         dx = _dot(dg, gate[e].T) + _dot(du, up[e].T)
-        return (dgate, dup, ddown), (dx, (dh * act * u).sum(-1))
+        dtokens = dtokens.at[rows[p]].add(dx, mode="drop")
+        return (dtokens, dgate, dup, ddown), (dh * act * u).sum(-1)
 
     def maybe(grads, p):
-        skip = lambda: (grads, (jnp.zeros((b, D), jnp.float32), jnp.zeros(b, jnp.float32)))
-        return jax.lax.cond(p < used, block, lambda p, grads: skip(), p, grads)
+        return jax.lax.cond(p < used, block, lambda p, grads: (grads, jnp.zeros(b, jnp.float32)),
+                            p, grads)
 
     zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
-    (dgate, dup, ddown), (dx, dscale) = jax.lax.scan(
-        maybe, (zeros(gate), zeros(up), zeros(down)), jnp.arange(P))
-    dtokens = jnp.zeros(tokens.shape, jnp.float32).at[rows.reshape(-1)].add(
-        dx.reshape(P * b, D), mode="drop")
+    (dtokens, dgate, dup, ddown), dscale = jax.lax.scan(
+        maybe, (zeros(tokens), zeros(gate), zeros(up), zeros(down)), jnp.arange(P))
     float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
     return (dtokens.astype(dtype), float0(rows), dgate.astype(gate.dtype),
             dup.astype(up.dtype), ddown.astype(down.dtype), float0(block_expert), dscale,

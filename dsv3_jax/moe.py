@@ -214,15 +214,12 @@ def swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str, confi
 
 def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[Weight, ...],
                    config: ModelConfig, *, rows: jax.Array | None = None,
-                   scale: jax.Array | None = None, out_dtype=None,
-                   used_blocks: jax.Array | None = None) -> jax.Array:
-    """Token blocks through their blocks' experts: block p through expert block_expert[p] of
-    weights = (gate [E, D, F], up [E, D, F], down [E, F, D]). Without an FP8 recipe, one block
-    at a time on its expert's kernels as stored, the three projections in one loop
-    (`expert_compute.block_swiglu`); under one, or inside shard_map (expert parallelism, a
-    pipeline stage: block_swiglu's own backward pass does not sum its kernel gradients over the
-    map's other mesh axes), each block's kernels are gathered for one batched GEMM (the
-    recipe's, one GEMM state per expert tensor).
+                   scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
+    """Token blocks through their blocks' experts, each block's kernels gathered for one
+    batched GEMM: block p through expert block_expert[p] of weights = (gate [E, D, F],
+    up [E, D, F], down [E, F, D]). The dropless path under an FP8 recipe (the recipe's GEMM,
+    one state per expert tensor) or inside shard_map (expert parallelism, a pipeline stage);
+    otherwise `slotted_experts` runs `expert_compute.block_swiglu` (`per_block`).
 
     Args:
       x_blocks: [P, b, D] token blocks; or, with `rows`, the [N, D] tokens themselves, row
@@ -230,20 +227,11 @@ def grouped_swiglu(x_blocks: jax.Array, block_expert: jax.Array, weights: tuple[
         slot i of the [P·b] slots.
       scale: [P, b] each slot's routing weight (0 for an empty slot, whose output is then
         exactly 0), applied by `scaled_swiglu`.
-      used_blocks: int32 scalar, blocks past it are empty (`SlotPlan.used_blocks`): the
-        per-block path skips them (their output is 0); the gathered path computes them.
     Returns:
       [P, b, D] in `out_dtype` (default: the compute dtype).
     """
     P = block_expert.shape[0]
     kernels, states = tuple(w.kernel for w in weights), tuple(w.fp8_state for w in weights)
-    if config.fp8 == "none" and not jax.sharding.get_abstract_mesh().manual_axes:
-        if rows is None:  # the blocks themselves, in order
-            x_blocks = x_blocks.reshape(-1, x_blocks.shape[-1])
-            rows = jnp.arange(x_blocks.shape[0])
-        scale = jnp.ones((P, rows.shape[0] // P), jnp.float32) if scale is None else scale
-        y = block_swiglu(x_blocks, rows, kernels, block_expert, scale, config, used_blocks)
-        return y.astype(dtype_of(config.dtype) if out_dtype is None else out_dtype)
 
     def run(x, kernels, states, scale):
         if rows is not None:  # inside the checkpoint: the backward pass gathers them again
@@ -349,6 +337,14 @@ def scaled_swiglu(x: jax.Array, weights: tuple[Weight, ...], into: str, out: str
                                          else out_dtype)
 
 
+def per_block(config: ModelConfig) -> bool:
+    """Whether the dropless blocks run one block at a time on the kernels as stored
+    (`expert_compute.block_swiglu`): without an FP8 recipe (the recipes' GEMM states are per
+    expert tensor, through a batched GEMM) and outside shard_map (block_swiglu's backward does
+    not sum its kernel gradients over the map's other mesh axes)."""
+    return config.fp8 == "none" and not jax.sharding.get_abstract_mesh().manual_axes
+
+
 def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...],
                     config: ModelConfig, capacity: int | None = None) -> jax.Array:
     """The routed experts' weighted output [N, D] (fp32) through an expert-major slot buffer:
@@ -358,16 +354,20 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     (its output under an FP8 recipe: `scaled_swiglu`; 0 for an empty slot, whose output is then
     exactly 0, so its row needs no zero fill), and each token's K slots are summed: nothing
     [N, K, D] is kept for the backward pass, since the weight's gradient comes from the hidden
-    units the down projection keeps anyway."""
+    units the down projection keeps anyway. Dropless one block at a time (`per_block`),
+    `expert_compute.block_swiglu` adds each block's outputs into its tokens' rows itself."""
     D = tokens.shape[1]
     E, b = config.n_routed_experts, config.expert_block_size
     plan = plan_slots(routing.experts, E, block=b if capacity is None else None, capacity=capacity)
     num_slots = plan.token.shape[0]
     slot_weight = slot_weights(plan, routing.weights)
+    if capacity is None and per_block(config):
+        return block_swiglu(tokens, plan.token, tuple(w.kernel for w in weights),
+                            plan.block_expert, slot_weight.reshape(-1, b), config,
+                            plan.used_blocks)
     if capacity is None:
         y_slots = grouped_swiglu(tokens, plan.block_expert, weights, config, rows=plan.token,
-                                 scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32,
-                                 used_blocks=plan.used_blocks)
+                                 scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32)
         y_assign = jnp.take(y_slots.reshape(num_slots, D), plan.slot, axis=0, mode="clip")
     else:
         x_slots = jnp.take(tokens, plan.token, axis=0, mode="clip").reshape(E, capacity, D)

@@ -252,12 +252,13 @@ def test_moe_impl_choice_and_errors(caplog):
 
 @pytest.mark.parametrize("dtype, used", [("float32", None), ("bfloat16", None), ("float32", 5)])
 def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
-    """expert_compute.block_swiglu (the three projections one block at a time, custom backward)
-    against the batched einsums over gathered kernels and jax's own gradients of them: output,
-    and the gradients of the tokens, the three kernels and the slot scales. Slots of row N are
-    empty (scale 0, clamped to row N − 1: nothing may reach that token from them); expert 2 is
-    used by no block (its kernel gradients exactly 0). With `used` = 5 of the 7 blocks, blocks
-    5 and 6 (expert 4 only) come out exactly 0 and pass back nothing. fp32: both sides multiply
+    """expert_compute.block_swiglu (the three projections and the combine one block at a time,
+    custom backward) against the batched einsums over gathered kernels, summed into the tokens'
+    rows, and jax's own gradients of them: the [N, D] output, and the gradients of the tokens,
+    the three kernels and the slot scales. Slots of row N are empty (scale 0: nothing may reach
+    a token from them, nor a scale gradient); expert 2 is used by no block (its kernel
+    gradients exactly 0). With `used` = 5 of the 7 blocks, blocks 5 and 6 (expert 4 only) add
+    nothing and pass back nothing. fp32: both sides multiply
     the same operands, so 1e-5 of the largest value; bf16: the hidden units and cotangents are
     rounded at different points (the reference's projections return bf16), so 3e-2."""
     from dsv3_jax.expert_compute import block_swiglu
@@ -271,7 +272,7 @@ def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
     block_expert = jnp.asarray([0, 0, 1, 3, 3, 3, 4], jnp.int32)  # expert 2 unused
     rows = jax.random.randint(ks[4], (P * b,), 0, N).at[jnp.asarray([3, 9, 10, 27])].set(N)
     scale = jnp.where(rows < N, jax.random.uniform(ks[5], (P * b,)) + .5, 0).reshape(P, b)
-    probe = jax.random.normal(ks[6], (P, b, D))
+    probe = jax.random.normal(ks[6], (N, D))
     low = jnp.dtype(dtype)
     live = (jnp.arange(P) < (P if used is None else used))[:, None, None]
 
@@ -282,7 +283,8 @@ def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
         h = jax.nn.silu(ein("PbD,PDF->PbF", x, gate)) * ein("PbD,PDF->PbF", x, up)
         y = jnp.einsum("PbF,PFD->PbD", (h * scale[..., None]).astype(low),
                        down.astype(low)[block_expert], preferred_element_type=jnp.float32)
-        return jnp.where(live, y, 0)
+        y = jnp.where(live, y, 0).reshape(P * b, D)
+        return jnp.zeros((N, D), jnp.float32).at[rows].add(y, mode="drop")
 
     def mine(tokens, gate, up, down, scale):
         return block_swiglu(tokens, rows, (gate, up, down), block_expert, scale, c,
@@ -301,7 +303,9 @@ def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g0, np.float32),
                                    rtol=tol, atol=tol * float(jnp.abs(g0).max()))
     assert all(float(jnp.abs(g[2]).max()) == 0.0 for g in grads[1:4])
+    assert float(jnp.abs(grads[4].reshape(-1)[rows == N]).max()) == 0.0
     if used is not None:
-        assert float(jnp.abs(y[used:]).max()) == 0.0
+        only_skipped = sorted(set(rows[used * b:].tolist()) - set(rows[:used * b].tolist()) - {N})
+        assert only_skipped and float(jnp.abs(y[jnp.asarray(only_skipped)]).max()) == 0.0
         assert all(float(jnp.abs(g[4]).max()) == 0.0 for g in grads[1:4])
         assert float(jnp.abs(grads[4][used:]).max()) == 0.0

@@ -3,7 +3,7 @@
 `ModelConfig.moe_impl` names the computation (dimension key as in `dsv3_jax/moe.py`; M rows
 sorted by expert, M = N·K here):
   * "blocks": dropless; assignments sorted by expert into padded blocks, each block plain
-    matmuls on its expert's kernels (`block_swiglu`, via `moe.grouped_swiglu`). Fast on XLA:CPU.
+    matmuls on its expert's kernels (`block_swiglu`, via `moe.slotted_experts`). Fast on XLA:CPU.
   * "ragged": dropless; assignments sorted by expert, then `jax.lax.ragged_dot` with the
     per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
     GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.
@@ -198,14 +198,15 @@ def _block_swiglu_bwd(residuals, dy):
         d = jnp.take(dy, rows[p], axis=0, mode="fill", fill_value=0).astype(dtype)
         g, u, s = g_all[p], u_all[p], scale[p][:, None]
         act, sg = _silu_parts(g)
-        ddown = ddown.at[e].add(_dot((act * u * s).astype(dtype).T, d))
+        au = act * u  # the unscaled hidden units
+        ddown = ddown.at[e].add(_dot((au * s).astype(dtype).T, d))
         dh = _dot(d, down[e].T)
         du = (dh * act * s).astype(dtype)
         dg = (dh * u * s * sg * (1 + g * (1 - sg))).astype(dtype)
         dgate, dup = dgate.at[e].add(_dot(x.T, dg)), dup.at[e].add(_dot(x.T, du))
         dx = _dot(dg, gate[e].T) + _dot(du, up[e].T)
         dtokens = dtokens.at[rows[p]].add(dx, mode="drop")
-        return (dtokens, dgate, dup, ddown), (dh * act * u).sum(-1)
+        return (dtokens, dgate, dup, ddown), (dh * au).sum(-1)
 
     def maybe(grads, p):
         return jax.lax.cond(p < used, block, lambda p, grads: (grads, jnp.zeros(b, jnp.float32)),

@@ -160,8 +160,8 @@ def remat_case():
             return ce + 0.1 * out.balance_loss
 
         grad_fn = jax.value_and_grad(loss)
-        # checkpoints in the program: a blocks' remat policy adds to the MoE's own re-gather
-        # (moe.grouped_swiglu)
+        # checkpoints in the program: a blocks' remat policy adds its own (to none without
+        # one: the dropless blocks' expert_compute.block_swiglu keeps what its backward needs)
         return jax.jit(grad_fn)(params), str(jax.make_jaxpr(grad_fn)(params)).count("remat2[")
 
     reference, checkpoints = loss_and_grads("none")

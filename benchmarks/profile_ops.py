@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 
 from benchmarks.common import bench_config, report
-from dsv3_jax import DeepSeekV3
+from dsv3_jax import DeepSeekV3, unstacked
 from dsv3_jax.model import init_cache, init_variables
 from dsv3_jax.training.step import cross_entropy
 
@@ -125,10 +125,11 @@ def figure_call(figure: str, config, batch: int, seq_len: int, context: int):
                                              cache_index=0, mtp=False).cache)
     if figure == "prefill":
         return prefill, (variables, tokens(batch, context))
-    cache = prefill(variables, tokens(batch, context))
-    step = jax.jit(lambda v, t, cache: net.apply(v, t, cache=cache, cache_index=context,
-                                                 absorb=True, mtp=False).logits)
-    return step, (variables, tokens(batch, 1), cache)
+    # the decode layout generate() steps in: per-layer weights and caches (dsv3_jax.unstacked)
+    cache = unstacked.unstack_cache(prefill(variables, tokens(batch, context)))
+    step = jax.jit(lambda v, t, cache: unstacked.forward(config, v, t, cache=cache,
+                                                         cache_index=context).logits)
+    return step, (unstacked.unstack_variables(config, variables), tokens(batch, 1), cache)
 
 
 def main():

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import bench_config, median_seconds, report
-from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint
+from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint, unstacked
 from dsv3_jax.accounting import flops_per_token
 from dsv3_jax.config import NON_HF_FIELDS
 from dsv3_jax.model import init_cache, init_variables
@@ -104,12 +104,15 @@ class Ours:
         def prefill(variables, tokens, length):
             out = net.apply(variables, tokens, cache=init_cache(c, tokens.shape[0], length),
                             cache_index=0, mtp=False)
-            return out.cache, out.logits[:, -1:].argmax(-1).astype(jnp.int32)
+            return (unstacked.unstack_cache(out.cache),
+                    out.logits[:, -1:].argmax(-1).astype(jnp.int32))
+
+        # decode steps as generate() runs them: per-layer weights and caches, split once
+        self.layers = jax.device_put(unstacked.unstack_variables(c, self.variables))
 
         @functools.partial(jax.jit, donate_argnums=2)
-        def step(variables, token, cache, index):
-            out = net.apply(variables, token, cache=cache, cache_index=index, absorb=True,
-                            mtp=False)
+        def step(layers, token, cache, index):
+            out = unstacked.forward(c, layers, token, cache=cache, cache_index=index)
             return out.logits[:, -1:].argmax(-1).astype(jnp.int32), out.cache
 
         self._prefill, self._step = prefill, step
@@ -122,7 +125,7 @@ class Ours:
 
     def decode(self, cache, token, index, steps):
         for i in range(steps):
-            token, cache = self._step(self.variables, token, cache, jnp.int32(index + i))
+            token, cache = self._step(self.layers, token, cache, jnp.int32(index + i))
         return jax.block_until_ready(token)
 
     def generate(self, tokens, new):

@@ -8,7 +8,8 @@ that emits an end-of-sequence id, or reaches max_new_tokens, stops changing; the
 when every row has.
 
 The prefill runs the full MLA path over the prompts and writes the latent cache; each plain
-step feeds one token per row through the absorbed path (the cache holds only c_kv and k_pe).
+step feeds one token per row through the absorbed path (the cache holds only c_kv and k_pe),
+over per-layer weights and caches split from the stacks once (`dsv3_jax.unstacked`).
 `speculative=True` instead drafts with the MTP modules and verifies K+1 positions per main-model
 forward (`dsv3_jax.speculative`). Either loop is a `lax.while_loop` inside one jitted function,
 keyed by (config, prompt shape, max_new_tokens, greedy or not, drafts per round).
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import unstacked
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, init_cache
 from dsv3_jax.sampling import sample_token
@@ -91,14 +93,14 @@ def _plain_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens: int,
     first = sample_token(out.logits[rows, lengths - 1], None if greedy else keys[0], temperature,
                          top_p)
     tokens = jnp.zeros((B, S), jnp.int32).at[:, :T].set(prompt).at[rows, lengths].set(first)
-    state = (jnp.int32(1), tokens, out.cache, lengths, is_stop(first) | (max_new_tokens == 1),
-             jnp.ones((B,), jnp.int32))
+    layers = unstacked.unstack_variables(c, variables)  # once, outside the loop
+    state = (jnp.int32(1), tokens, unstacked.unstack_cache(out.cache), lengths,
+             is_stop(first) | (max_new_tokens == 1), jnp.ones((B,), jnp.int32))
 
     def step(state):
         i, tokens, cache, last, done, forwards = state
         fed = tokens[rows, last][:, None]
-        out = model.apply(variables, fed, last[:, None], cache=cache, cache_index=last,
-                          absorb=True, mtp=False)
+        out = unstacked.forward(c, layers, fed, last[:, None], cache=cache, cache_index=last)
         nxt = sample_token(out.logits[:, 0], None if greedy else keys[i], temperature, top_p)
         active = ~done
         tokens = tokens.at[rows, jnp.where(active, last + 1, S)].set(nxt, mode="drop")

@@ -1,0 +1,75 @@
+"""The decode layout (`dsv3_jax.unstacked`): per-layer weights and caches give what the scanned
+`DeepSeekV3` gives — logits, hidden states, expert counts, balance loss and the written cache —
+for a prefill (full MLA path, one cache index) and a decode step (absorbed path, one index per
+row), with dense and MoE stacks, without either, and under the delayed FP8 recipe."""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import DeepSeekV3, ModelConfig, init_cache, init_variables, unstacked
+
+TINY = ModelConfig.preset("tiny")
+CONFIGS = {
+    "dense+moe": TINY,
+    "moe only, fp8 delayed": TINY.replace(first_k_dense_replace=0, fp8="delayed"),
+    "dense only": TINY.replace(first_k_dense_replace=TINY.num_hidden_layers,
+                               num_nextn_predict_layers=0),
+}
+
+
+def close(got, want, what):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    # the same operations on the same buffers: equal up to XLA's fusion choices
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(initial=1),
+                               err_msg=what)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_unstacked_forward_equals_the_scanned_model(name):
+    c = CONFIGS[name]
+    B, T, S = 3, 6, 12
+    variables = flax.core.unfreeze(nn.unbox(init_variables(c, jax.random.key(0))))
+    bias = variables["moe_bias"]["e_score_correction_bias"]  # distinct per layer: selection moves
+    variables["moe_bias"]["e_score_correction_bias"] = jax.random.normal(jax.random.key(2),
+                                                                         bias.shape)
+    layers = unstacked.unstack_variables(c, variables)
+    assert len(layers.dense) == c.num_dense_layers and len(layers.moe) == c.num_moe_layers
+    net = DeepSeekV3(c)
+    tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, c.vocab_size)
+    index = jnp.array([T, T - 2, T - 5], jnp.int32)  # one place per row for the step
+
+    @jax.jit
+    def scanned(variables):
+        pre = net.apply(variables, tokens[:, :T], cache=init_cache(c, B, S), cache_index=0,
+                        mtp=False)
+        step = net.apply(variables, tokens[:, T:], cache=pre.cache, cache_index=index,
+                         absorb=True, mtp=False)
+        return pre, step
+
+    @jax.jit
+    def per_layer(layers):
+        pre = unstacked.forward(c, layers, tokens[:, :T],
+                                cache=unstacked.unstack_cache(init_cache(c, B, S)),
+                                cache_index=jnp.int32(0), absorb=False)
+        step = unstacked.forward(c, layers, tokens[:, T:], cache=pre.cache, cache_index=index)
+        return pre, step
+
+    want, got = scanned(variables), per_layer(layers)
+    for phase, w, g in zip(("prefill", "step"), want, got):
+        for field in ("logits", "hidden", "expert_counts", "balance_loss"):
+            close(getattr(g, field), getattr(w, field)[:len(getattr(g, field))]
+                  if field == "expert_counts" else getattr(w, field), f"{phase} {field}")
+        assert g.expert_counts.shape == (c.num_moe_layers, c.n_routed_experts)
+        restacked = unstacked.restack_cache(g.cache)
+        assert set(restacked) == set(w.cache)
+        for key in w.cache:
+            for field in ("c_kv", "k_pe"):
+                close(getattr(restacked[key], field), getattr(w.cache[key], field),
+                      f"{phase} cache {key}.{field}")
+    if c.num_moe_layers:  # the routing is exercised: the step's tokens chose experts
+        assert int(got[1].expert_counts.sum()) == c.num_moe_layers * B * c.num_experts_per_tok

@@ -9,7 +9,8 @@ when every row has.
 
 The prefill runs the full MLA path over the prompts and writes the latent cache; each plain
 step feeds one token per row through the absorbed path (the cache holds only c_kv and k_pe),
-over per-layer weights and caches split from the stacks once (`dsv3_jax.unstacked`).
+on XLA:CPU over per-layer weights and caches split from the stacks once
+(`dsv3_jax.unstacked.for_decoding`).
 `speculative=True` instead drafts with the MTP modules and verifies K+1 positions per main-model
 forward (`dsv3_jax.speculative`). Either loop is a `lax.while_loop` inside one jitted function,
 keyed by (config, prompt shape, max_new_tokens, greedy or not, drafts per round).
@@ -93,14 +94,14 @@ def _plain_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens: int,
     first = sample_token(out.logits[rows, lengths - 1], None if greedy else keys[0], temperature,
                          top_p)
     tokens = jnp.zeros((B, S), jnp.int32).at[:, :T].set(prompt).at[rows, lengths].set(first)
-    layers = unstacked.unstack_variables(c, variables)  # once, outside the loop
-    state = (jnp.int32(1), tokens, unstacked.unstack_cache(out.cache), lengths,
-             is_stop(first) | (max_new_tokens == 1), jnp.ones((B,), jnp.int32))
+    weights, cache, forward = unstacked.for_decoding(c, variables, out.cache)  # once
+    state = (jnp.int32(1), tokens, cache, lengths, is_stop(first) | (max_new_tokens == 1),
+             jnp.ones((B,), jnp.int32))
 
     def step(state):
         i, tokens, cache, last, done, forwards = state
         fed = tokens[rows, last][:, None]
-        out = unstacked.forward(c, layers, fed, last[:, None], cache=cache, cache_index=last)
+        out = forward(weights, fed, last[:, None], cache, last)
         nxt = sample_token(out.logits[:, 0], None if greedy else keys[i], temperature, top_p)
         active = ~done
         tokens = tokens.at[rows, jnp.where(active, last + 1, S)].set(nxt, mode="drop")

@@ -14,8 +14,8 @@ min(num_nextn_predict_layers, K), W = K + D):
      round computed from drafts (depth k's entries at n−k..n−1) and the positions the previous
      round accepted, so every MTP cache entry below the window is one a full forward over the
      true tokens would have written.
-  2. Verify: one absorbed-cache forward of the main model (its per-layer decode layout,
-     `dsv3_jax.unstacked`) over the K+1 positions n..n+K fed
+  2. Verify: one absorbed-cache forward of the main model (`dsv3_jax.unstacked.for_decoding`)
+     over the K+1 positions n..n+K fed
      t_n, d_1..d_K (written into the main cache at n..n+K); its hidden states h⁰ there feed
      the next round's MTP window.
   3. Accept (`dsv3_jax.sampling`): a drafts plus one token of the main model's own, so the
@@ -107,8 +107,8 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
     tokens = jnp.zeros((B, S), jnp.int32).at[:, :T].set(prompt).at[rows, lengths].set(first)
     hidden = jnp.zeros((B, S, c.hidden_size), out.hidden.dtype).at[:, :T].set(out.hidden)
     count = jnp.zeros((B,), jnp.int32)
-    layers = unstacked.unstack_variables(c, variables)  # once, outside the loop
-    state = (jnp.int32(0), tokens, hidden, unstacked.unstack_cache(out.cache), lengths,
+    weights, cache, forward = unstacked.for_decoding(c, variables, out.cache)  # once
+    state = (jnp.int32(0), tokens, hidden, cache, lengths,
              is_stop(first) | (max_new_tokens == 1), count + 1, count,
              jnp.zeros((B, K), jnp.int32))
 
@@ -147,7 +147,7 @@ def speculative_loop(c: ModelConfig, variables, prompt, lengths, max_new_tokens:
         tokens, mtp_cache, q = draft(tokens, hidden, cache["mtp"], last, draft_key)
         verify = last[:, None] + jnp.arange(K + 1)  # [B, K+1] positions n..n+K
         fed = gather(tokens, verify)  # t_n, d_1..d_K
-        out = unstacked.forward(c, layers, fed, verify, cache=cache, cache_index=last)
+        out = forward(weights, fed, verify, cache, last)
         if greedy:
             a, new = accept_greedy(fed[:, 1:], out.logits)
         else:

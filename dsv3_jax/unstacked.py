@@ -8,8 +8,13 @@ products (a small-preset batch-8 step copied its three `[E, D, F]` expert stacks
 ~190 MB a step, for 34 of 60 thunk-ms). A decode loop therefore splits the stacks once, before
 the loop (`unstack_variables`, `unstack_cache`), and runs every layer as its own `Block` over
 its own buffers (`forward`): the same parameters and the same numbers as `DeepSeekV3`, with no
-per-step slicing of weights or cache. `generate` and speculative decoding use it for their
-decode steps; prefill stays scanned (a long prompt amortizes the slices).
+per-step slicing of weights or cache. Prefill stays scanned (a long prompt amortizes the
+slices).
+
+`for_decoding` is what `generate` and speculative decoding call: the split layout on XLA:CPU,
+where it pays; elsewhere the stacks as they are, since the split holds a second copy of the
+weights for as long as the loop runs, which accelerator memory sized for one copy (a 671B
+model's shards) cannot spare.
 
 Layout (`Unstacked`): `dense` and `moe` hold one variables dict per layer ({'params', and
 'fp8' under the delayed recipe}), `rest` the variables outside the stacks (embedding, final
@@ -25,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import Block, ModelOutput, embed_lookup, output_heads
+from dsv3_jax.expert_compute import platform
+from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, embed_lookup, output_heads
 
 _STACKS = (("dense", "dense_layers", False), ("moe", "moe_layers", True))
 
@@ -64,10 +70,31 @@ def unstack_cache(cache: dict) -> dict:
 
 
 def restack_cache(cache: dict) -> dict:
-    """`unstack_cache`'s inverse: the layout `init_cache` makes and `DeepSeekV3` takes."""
+    """`unstack_cache`'s inverse: the layout `init_cache` makes and `DeepSeekV3` takes (a
+    cache already in it is returned as it is)."""
     stack = lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *layers)
-    return {key: stack(value) if key in ("dense", "moe") else value
+    return {key: stack(value) if isinstance(value, tuple) else value
             for key, value in cache.items()}
+
+
+def split_pays() -> bool:
+    """Whether decode loops split the stacks (`for_decoding`): on XLA:CPU, where the code is
+    traced for (`expert_compute.platform`)."""
+    return platform() == "cpu"
+
+
+def for_decoding(config: ModelConfig, variables: dict, cache: dict):
+    """(weights, cache, step) for a decode loop, made once before it: step(weights, tokens
+    [B, T], positions [B, T], cache, cache_index) → ModelOutput (absorbed path, no MTP), the
+    cache it returns in the layout it took. The per-layer layout when `split_pays()`, else
+    `DeepSeekV3.apply` over the stacks (module docstring)."""
+    if split_pays():
+        return (unstack_variables(config, variables), unstack_cache(cache),
+                lambda w, tokens, positions, cache, index: forward(
+                    config, w, tokens, positions, cache=cache, cache_index=index))
+    model = DeepSeekV3(config)
+    return variables, cache, lambda w, tokens, positions, cache, index: model.apply(
+        w, tokens, positions, cache=cache, cache_index=index, absorb=True, mtp=False)
 
 
 class _Heads(nn.Module):

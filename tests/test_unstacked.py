@@ -1,7 +1,8 @@
 """The decode layout (`dsv3_jax.unstacked`): per-layer weights and caches give what the scanned
 `DeepSeekV3` gives — logits, hidden states, expert counts, balance loss and the written cache —
 for a prefill (full MLA path, one cache index) and a decode step (absorbed path, one index per
-row), with dense and MoE stacks, without either, and under the delayed FP8 recipe."""
+row), with dense and MoE stacks, without either, and under the delayed FP8 recipe; and generate
+takes the same tokens whether its decode loop splits the stacks or not."""
 
 import flax
 import flax.linen as nn
@@ -9,8 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_generate import NEW, PROMPTS, random_variables
 
-from dsv3_jax import DeepSeekV3, ModelConfig, init_cache, init_variables, unstacked
+from dsv3_jax import (
+    DeepSeekV3,
+    ModelConfig,
+    decode,
+    generate,
+    init_cache,
+    init_variables,
+    unstacked,
+)
 
 TINY = ModelConfig.preset("tiny")
 CONFIGS = {
@@ -73,3 +83,21 @@ def test_unstacked_forward_equals_the_scanned_model(name):
                       f"{phase} cache {key}.{field}")
     if c.num_moe_layers:  # the routing is exercised: the step's tokens chose experts
         assert int(got[1].expert_counts.sum()) == c.num_moe_layers * B * c.num_experts_per_tok
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_generate_takes_the_same_tokens_with_and_without_the_split(monkeypatch, speculative):
+    """Decode loops split the stacks on XLA:CPU only (`unstacked.for_decoding`); the stacked
+    path accelerators take gives the same greedy tokens and the same forwards and acceptance."""
+    variables = random_variables(TINY)
+    results = []
+    for split in (True, False):
+        monkeypatch.setattr(unstacked, "split_pays", lambda split=split: split)
+        decode._generate.clear_cache()  # the choice is made at trace time
+        results.append(generate(TINY, variables, PROMPTS, NEW, speculative=speculative,
+                                return_result=True))
+    split, stacked = results
+    for field in ("sequences", "lengths", "forwards", "drafted", "accepted"):
+        np.testing.assert_array_equal(getattr(split, field), getattr(stacked, field),
+                                      err_msg=field)
+    assert (np.asarray(split.lengths) == NEW).all()

@@ -13,9 +13,10 @@ Expert compute (dimension key: N tokens, K experts per token, E experts, D model
 hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_impl`
 (`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU, blocks on CPU):
   * blocks (dropless): assignments sorted by expert, each expert's run padded to a multiple of
-    `expert_block_size`, then each block's projections plain matmuls on its expert's kernels
-    as stored (`expert_compute.block_swiglu`: one loop over the filled blocks; under an FP8
-    recipe or inside shard_map, one batched matmul over gathered kernels) — cost ∝ N·K + E·b,
+    `expert_block_size` (one block at a time: halved while it exceeds N·K/E, `block_rows`),
+    then each block's projections plain matmuls on its expert's kernels as stored
+    (`expert_compute.block_swiglu`: one loop over the filled blocks; under an FP8 recipe or
+    inside shard_map, one batched matmul over gathered kernels) — cost ∝ N·K + E·b,
     nothing dropped, no `ragged_dot` (slow on XLA:CPU).
   * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
     with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
@@ -345,6 +346,22 @@ def per_block(config: ModelConfig) -> bool:
     return config.fp8 == "none" and not jax.sharding.get_abstract_mesh().manual_axes
 
 
+# The smallest block `block_rows` chooses (unless expert_block_size is smaller).
+MIN_BLOCK_ROWS = 16
+
+
+def block_rows(assignments: int, config: ModelConfig) -> int:
+    """Rows per dropless block for `assignments` (N·K) routed rows, chosen at trace time:
+    `expert_block_size`, halved (down to MIN_BLOCK_ROWS) while it exceeds the rows an expert
+    gets on average (N·K/E). Each used expert pads its last block by b/2 rows on average, so
+    blocks larger than an expert's share pad about as many rows as they hold (small preset,
+    a 1024-token prefill: 4,096 assignments over 32 experts, 128 each, in blocks of 256)."""
+    b = config.expert_block_size
+    while b > MIN_BLOCK_ROWS and b > assignments / config.n_routed_experts:
+        b //= 2
+    return max(b, min(MIN_BLOCK_ROWS, config.expert_block_size))
+
+
 def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...],
                     config: ModelConfig, capacity: int | None = None) -> jax.Array:
     """The routed experts' weighted output [N, D] (fp32) through an expert-major slot buffer:
@@ -358,6 +375,8 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     `expert_compute.block_swiglu` adds each block's outputs into its tokens' rows itself."""
     D = tokens.shape[1]
     E, b = config.n_routed_experts, config.expert_block_size
+    if capacity is None and per_block(config):
+        b = block_rows(routing.experts.size, config)
     plan = plan_slots(routing.experts, E, block=b if capacity is None else None, capacity=capacity)
     num_slots = plan.token.shape[0]
     slot_weight = slot_weights(plan, routing.weights)

@@ -96,7 +96,7 @@ def _moe_setup(config, seed=0, B=2, T=24):
     return params, x, bias
 
 
-@pytest.mark.parametrize("block", [1, 4, 16])
+@pytest.mark.parametrize("block", [1, 4, 16, 64])  # 64: halved to 16 (`block_rows`)
 def test_dropless_moe_matches_per_expert_loop(block):
     c = ModelConfig.preset("tiny", expert_block_size=block)
     params, x, bias = _moe_setup(c)
@@ -104,6 +104,16 @@ def test_dropless_moe_matches_per_expert_loop(block):
     ref, ref_counts = _reference_moe(params, x, bias, c)
     np.testing.assert_array_equal(np.asarray(counts), ref_counts)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_block_rows_shrink_to_an_experts_average_share():
+    """Blocks no larger than N·K/E rows (halving, down to 16 or expert_block_size if smaller)."""
+    small = ModelConfig.preset("small")  # block 256, 32 experts
+    assert [moe.block_rows(n, small) for n in (16384, 8192, 8191, 4096, 2048, 64, 1)] == [
+        256, 256, 128, 128, 64, 16, 16]
+    assert moe.block_rows(1, small.replace(expert_block_size=8)) == 8
+    assert moe.block_rows(1, small.replace(expert_block_size=24)) == 16
+    assert moe.block_rows(10 ** 6, small.replace(expert_block_size=24)) == 24
 
 
 def test_capacity_equals_dropless_without_overflow_and_drops_with_it():

@@ -115,6 +115,13 @@ def forward(config: ModelConfig, variables: Unstacked, tokens: jax.Array,
     absorb=…, mtp=False)` over unstacked variables and an unstacked cache (module docstring):
     the same outputs, with `cache` the updated unstacked cache and no MTP logits."""
     c = config
+    if not isinstance(variables, Unstacked):
+        raise TypeError(f"unstacked.forward takes unstack_variables(config, variables); got "
+                        f"{type(variables).__name__}")
+    for key, _, _ in _STACKS:
+        if key in cache and not isinstance(cache[key], tuple):
+            raise TypeError(f"unstacked.forward takes unstack_cache(cache); cache[{key!r}] is "
+                            f"stacked ({type(cache[key]).__name__})")
     B, T = tokens.shape
     if positions is None:
         start = jnp.reshape(cache_index, (-1, 1))

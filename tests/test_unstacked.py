@@ -81,6 +81,10 @@ def test_unstacked_forward_equals_the_scanned_model(name):
             for field in ("c_kv", "k_pe"):
                 close(getattr(restacked[key], field), getattr(w.cache[key], field),
                       f"{phase} cache {key}.{field}")
+    with pytest.raises(TypeError, match="unstack_cache"):  # a stacked cache: a clear error
+        unstacked.forward(c, layers, tokens[:, T:], cache=init_cache(c, B, S), cache_index=index)
+    with pytest.raises(TypeError, match="unstack_variables"):
+        unstacked.forward(c, variables, tokens[:, T:], cache=got[1].cache, cache_index=index)
     if c.num_moe_layers:  # the routing is exercised: the step's tokens chose experts
         assert int(got[1].expert_counts.sum()) == c.num_moe_layers * B * c.num_experts_per_tok
 

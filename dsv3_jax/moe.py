@@ -365,7 +365,8 @@ def block_rows(assignments: int, config: ModelConfig) -> int:
 def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...],
                     config: ModelConfig, capacity: int | None = None) -> jax.Array:
     """The routed experts' weighted output [N, D] (fp32) through an expert-major slot buffer:
-    dropless blocks of `expert_block_size`, or `capacity` slots per expert (overflow dropped).
+    dropless blocks of `expert_block_size` (of `block_rows` rows, one block at a time), or
+    `capacity` slots per expert (overflow dropped).
 
     Each slot's routing weight multiplies its hidden units before the (linear) down projection
     (its output under an FP8 recipe: `scaled_swiglu`; 0 for an empty slot, whose output is then

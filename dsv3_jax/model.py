@@ -142,8 +142,7 @@ class DeepSeekV3(nn.Module):
         c = self.config
         B, T = tokens.shape
         if positions is None:
-            start = 0 if cache_index is None else jnp.reshape(cache_index, (-1, 1))
-            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+            positions = default_positions(B, T, cache_index)
         embedding = self.param(
             "embed_tokens",
             logically_partitioned(nn.initializers.normal(c.initializer_range),
@@ -188,6 +187,13 @@ class DeepSeekV3(nn.Module):
             hidden=hidden,
             cache=cache,
         )
+
+
+def default_positions(batch: int, length: int, cache_index=None) -> jax.Array:
+    """[B, T] int32 positions of T new tokens: 0..T−1 after `cache_index` (a scalar, or [B]
+    with one place per row), or from 0 without one."""
+    start = 0 if cache_index is None else jnp.reshape(cache_index, (-1, 1))
+    return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
 def embed_lookup(table: jax.Array, ids: jax.Array, config: ModelConfig) -> jax.Array:

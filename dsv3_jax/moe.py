@@ -376,12 +376,13 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     `expert_compute.block_swiglu` adds each block's outputs into its tokens' rows itself."""
     D = tokens.shape[1]
     E, b = config.n_routed_experts, config.expert_block_size
-    if capacity is None and per_block(config):
+    blocks = capacity is None and per_block(config)  # expert_compute.block_swiglu
+    if blocks:
         b = block_rows(routing.experts.size, config)
     plan = plan_slots(routing.experts, E, block=b if capacity is None else None, capacity=capacity)
     num_slots = plan.token.shape[0]
     slot_weight = slot_weights(plan, routing.weights)
-    if capacity is None and per_block(config):
+    if blocks:
         return block_swiglu(tokens, plan.token, tuple(w.kernel for w in weights),
                             plan.block_expert, slot_weight.reshape(-1, b), config,
                             plan.used_blocks)

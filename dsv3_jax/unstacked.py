@@ -31,7 +31,14 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.expert_compute import platform
-from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, embed_lookup, output_heads
+from dsv3_jax.model import (
+    Block,
+    DeepSeekV3,
+    ModelOutput,
+    default_positions,
+    embed_lookup,
+    output_heads,
+)
 
 _STACKS = (("dense", "dense_layers", False), ("moe", "moe_layers", True))
 
@@ -122,10 +129,8 @@ def forward(config: ModelConfig, variables: Unstacked, tokens: jax.Array,
         if key in cache and not isinstance(cache[key], tuple):
             raise TypeError(f"unstacked.forward takes unstack_cache(cache); cache[{key!r}] is "
                             f"stacked ({type(cache[key]).__name__})")
-    B, T = tokens.shape
     if positions is None:
-        start = jnp.reshape(cache_index, (-1, 1))
-        positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions = default_positions(*tokens.shape, cache_index)
     params = variables.rest["params"]
     bias = variables.rest["moe_bias"]["e_score_correction_bias"]
     x = nn.with_logical_constraint(embed_lookup(params["embed_tokens"], tokens, c),

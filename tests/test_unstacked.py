@@ -34,8 +34,8 @@ CONFIGS = {
 def close(got, want, what):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert got.shape == want.shape, (what, got.shape, want.shape)
-    # the same operations on the same buffers: equal up to XLA's fusion choices
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(initial=1),
+    # the same operations on the same buffers: equal up to XLA's fusion choices (measured: 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max(initial=1),
                                err_msg=what)
 
 

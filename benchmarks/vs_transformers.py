@@ -16,7 +16,10 @@ side, ours over theirs, and model FLOP/s as a fraction of the matmul peak measur
 `--config` is "bench" (issue 10's config, `benchmarks.common.BENCH`), a preset name, or JSON.
 Model FLOPs count 2 per activated weight plus causal attention (`accounting.flops_per_token`);
 the absorbed decode path does more attention FLOPs than that counts, so decode's fraction is a
-model-FLOPs figure, not hardware utilization.
+model-FLOPs figure, not hardware utilization. Decode is bound by memory instead: its lines add
+the bytes a step must read (`accounting.decode_step_bytes`: the weights once, the selected
+experts, the latent cache), the read bandwidth measured first (a 512 MiB sum), the fraction of
+it each side reaches, and `ratio_bound`, the ratio a step reading at that bandwidth would get.
 """
 
 from __future__ import annotations
@@ -31,12 +34,23 @@ import numpy as np
 
 from benchmarks.common import bench_config, median_seconds, report
 from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint, unstacked
-from dsv3_jax.accounting import flops_per_token
+from dsv3_jax.accounting import decode_step_bytes, flops_per_token
 from dsv3_jax.config import NON_HF_FIELDS
 from dsv3_jax.model import init_cache, init_variables
 from dsv3_jax.training.step import cross_entropy
 
 FIGURES = ("train", "prefill", "decode", "generate")
+
+
+def memory_bandwidth(torch) -> float:
+    """Bytes/s of reading a 512 MiB f32 array (a sum): the faster of jax (jitted) and torch."""
+    n = 2 ** 27
+    a = jnp.ones((n,), jnp.float32) + 0
+    total = jax.jit(jnp.sum)
+    t_jax = median_seconds(lambda: total(a).block_until_ready(), 5)
+    ta = torch.ones(n)
+    t_torch = median_seconds(lambda: ta.sum(), 5)
+    return 4 * n / min(t_jax, t_torch)
 
 
 def matmul_peak(torch) -> float:
@@ -153,6 +167,7 @@ def main():
         parser.error(f"--context {args.context} + steps/new tokens exceed the config's "
                      f"max_position_embeddings={config.max_position_embeddings}")
     peak = matmul_peak(torch)
+    bandwidth = memory_bandwidth(torch) if "decode" in args.figures else None
     with tempfile.TemporaryDirectory() as path:
         save_hf_checkpoint(path, config, init_variables(config, jax.random.key(0)))
         ours, theirs = Ours(path, config), Theirs(path, torch, transformers)
@@ -160,7 +175,7 @@ def main():
     tokens = lambda b, t: rng.integers(0, config.vocab_size, (b, t), dtype=np.int64)
     forward = lambda seq: flops_per_token(config, seq, include_mtp=False) / 3
 
-    def emit(figure, n_tokens, t_ours, t_theirs, flops_per_tok, batch, shape):
+    def emit(figure, n_tokens, t_ours, t_theirs, flops_per_tok, batch, shape, **extra):
         report(benchmark="vs_transformers", figure=figure, config=args.config, batch=batch,
                shape=shape, ours_tok_s=round(n_tokens / t_ours, 1),
                transformers_tok_s=round(n_tokens / t_theirs, 1),
@@ -168,7 +183,7 @@ def main():
                ours_peak_fraction=round(n_tokens * flops_per_tok / t_ours / peak, 4),
                transformers_peak_fraction=round(n_tokens * flops_per_tok / t_theirs / peak, 4),
                matmul_peak_gflops=round(peak / 1e9, 1), transformers_attention=theirs.attention,
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), **extra)
 
     R = args.repeats
     if "train" in args.figures:
@@ -195,8 +210,15 @@ def main():
                 lambda: ours.prefill(xj, length))
             t_theirs = median_seconds(lambda cache, t: theirs.decode(cache, t, args.steps), R,
                                     lambda: theirs.prefill(x))
+            # the memory roofline: the bytes a step must read, at the bandwidth measured first
+            step_bytes = decode_step_bytes(config, b, args.context)
+            read = lambda t: step_bytes * args.steps / t / bandwidth
             emit("decode", b * args.steps, t_ours, t_theirs, forward(2 * args.context - 1), b,
-                 f"{b}x{args.context}+{args.steps} steps")
+                 f"{b}x{args.context}+{args.steps} steps", step_mb=round(step_bytes / 1e6, 2),
+                 memory_gb_s=round(bandwidth / 1e9, 1),
+                 ours_bandwidth_fraction=float(f"{read(t_ours):.4g}"),
+                 transformers_bandwidth_fraction=float(f"{read(t_theirs):.4g}"),
+                 ratio_bound=float(f"{1 / read(t_theirs):.4g}"))
     if "generate" in args.figures:
         x = tokens(1, args.context)
         xj = jnp.asarray(x, jnp.int32)

@@ -96,3 +96,29 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, include_mtp: bool = Tr
     attention = (2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * (seq_len + 1) / 2
                  * attention_layers)
     return 3.0 * (2.0 * matmul_params + attention)
+
+
+def decode_step_bytes(config: ModelConfig, batch: int, context: int, dtype=jnp.float32) -> float:
+    """Bytes one decode step of `batch` sequences must read at least, at `dtype`'s size: every
+    main-model weight once (of the embedding table only the batch's rows), of the routed experts
+    those the batch selects, and each sequence's latent cache over `context` positions in every
+    layer. Under uniform routing a token leaves each expert unselected with probability
+    1 − K/E, so a MoE layer reads E·(1 − (1 − K/E)^B) experts on average (exactly K for one
+    sequence). Steps per second ≤ memory bandwidth / these bytes: decode's roofline."""
+    c = config
+    itemsize = np.dtype(jnp.dtype(dtype)).itemsize
+    dense = routed = 0
+    for path, shape in _param_shapes(c).items():
+        size = math.prod(shape)
+        if path[0].startswith("mtp_"):
+            continue
+        if path[0] == "embed_tokens":
+            size = batch * c.hidden_size
+        if "experts" in path and "shared_experts" not in path:
+            routed += size
+        else:
+            dense += size
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    selected = E * (1 - (1 - K / E) ** batch) / E if E else 0.0
+    cache = int(kv_cache_bytes(c, dtype)) * context * c.num_hidden_layers * batch
+    return (dense + routed * selected) * itemsize + cache

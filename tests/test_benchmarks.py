@@ -45,6 +45,10 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
         "transformers_attention", "threads"}),
 }
 
+# vs_transformers' decode lines: the memory roofline
+DECODE_ROOFLINE = {"step_mb", "memory_gb_s", "ours_bandwidth_fraction",
+                   "transformers_bandwidth_fraction", "ratio_bound"}
+
 
 def test_every_benchmark_is_covered():
     found = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "common"}
@@ -61,7 +65,9 @@ def test_benchmark_smoke(name):
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines, r.stdout[-2000:]
     for record in lines:
-        assert set(record) == keys, (name, sorted(record))
+        expected = keys | (DECODE_ROOFLINE if (name, record.get("figure")) == (
+            "vs_transformers", "decode") else set())
+        assert set(record) == expected, (name, sorted(record))
     record = lines[0]
     if name == "compile_time":
         assert record["preset"] == "tiny" and set(record["seconds"]) == {"2"}
@@ -104,6 +110,12 @@ def test_benchmark_smoke(name):
             assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["transformers_tok_s"],
                                                rel=0.02)
             assert 0 < r["ours_peak_fraction"] < 1 and r["matmul_peak_gflops"] > 0
+        decode = lines[2]
+        assert decode["step_mb"] > 0 and decode["memory_gb_s"] > 0
+        assert decode["ratio_bound"] == pytest.approx(1 / decode["transformers_bandwidth_fraction"],
+                                                      rel=0.02)
+        assert decode["ours_bandwidth_fraction"] == pytest.approx(
+            decode["transformers_bandwidth_fraction"] * decode["ratio"], rel=0.02)
     else:
         assert (record["tokens"], record["experts"], record["top_k"]) == (512, 16, 4)
         assert record["mode"] == "capacity 1.25"

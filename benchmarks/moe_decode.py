@@ -1,12 +1,13 @@
 """One full-model decode step after a prompt: the routed experts' few-token path the model
-picks (`moe.few_token_path`: "sliced" or "dense") vs filling E padded expert blocks, in one run.
+picks (`moe.few_token_path`: "sliced", "chosen" or "dense") vs filling E padded expert blocks,
+in one run.
 
     python -m benchmarks.moe_decode [--preset bench] [--context 1024] [--batch 1]
 
 `--preset bench` is issue 10's benchmark config (vocab 512, hidden 256, 6 layers, 16 experts
 top-4, block 64); any ModelConfig preset works. The cache is filled by one prefill of `context`
 tokens; the timed call feeds one token per row through the absorbed-cache path. `gathered` is
-what the model picks for a decode step (`moe.gathers_experts`), `blocks` forces the dropless
+what the model picks for a decode step (`moe.few_token_path`), `blocks` forces the dropless
 block buffer of (ceil(N·K/b) + E)·b rows.
 """
 

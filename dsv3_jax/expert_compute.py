@@ -8,6 +8,8 @@ sorted by expert, M = N·K here):
     per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
     GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
+A few tokens (`moe.few_token_path`) may instead run each expert they chose once over all of
+them (`chosen_swiglu`), whatever the implementation.
   * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode),
     else "ragged" on TPU and GPU and "blocks" on CPU and under an FP8 recipe (ragged_dot has
     none). The platform is that of the mesh being traced under (`jax.set_mesh`, e.g. a
@@ -196,17 +198,11 @@ def _block_swiglu_bwd(residuals, dy):
         dtokens, dgate, dup, ddown = grads
         x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
         d = jnp.take(dy, rows[p], axis=0, mode="fill", fill_value=0).astype(dtype)
-        g, u, s = g_all[p], u_all[p], scale[p][:, None]
-        act, sg = _silu_parts(g)
-        au = act * u  # the unscaled hidden units
-        ddown = ddown.at[e].add(_dot((au * s).astype(dtype).T, d))
-        dh = _dot(d, down[e].T)
-        du = (dh * act * s).astype(dtype)
-        dg = (dh * u * s * sg * (1 + g * (1 - sg))).astype(dtype)
-        dgate, dup = dgate.at[e].add(_dot(x.T, dg)), dup.at[e].add(_dot(x.T, du))
-        dx = _dot(dg, gate[e].T) + _dot(du, up[e].T)
+        dx, dg, du, dd, dscale = _swiglu_backward(x, g_all[p], u_all[p], scale[p][:, None], d,
+                                                  gate[e], up[e], down[e])
+        dgate, dup, ddown = dgate.at[e].add(dg), dup.at[e].add(du), ddown.at[e].add(dd)
         dtokens = dtokens.at[rows[p]].add(dx, mode="drop")
-        return (dtokens, dgate, dup, ddown), (dh * au).sum(-1)
+        return (dtokens, dgate, dup, ddown), dscale
 
     def maybe(grads, p):
         return jax.lax.cond(p < used, block, lambda p, grads: (grads, jnp.zeros(b, jnp.float32)),
@@ -215,10 +211,103 @@ def _block_swiglu_bwd(residuals, dy):
     zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
     (dtokens, dgate, dup, ddown), dscale = jax.lax.scan(
         maybe, (zeros(tokens), zeros(gate), zeros(up), zeros(down)), jnp.arange(P))
-    float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
-    return (dtokens.astype(dtype), float0(rows), dgate.astype(gate.dtype),
-            dup.astype(up.dtype), ddown.astype(down.dtype), float0(block_expert), dscale,
-            float0(used))
+    return (dtokens.astype(dtype), _float0(rows), dgate.astype(gate.dtype),
+            dup.astype(up.dtype), ddown.astype(down.dtype), _float0(block_expert), dscale,
+            _float0(used))
+
+
+def _float0(a):
+    """The cotangent of an integer or boolean input."""
+    return np.zeros(np.shape(a), jax.dtypes.float0)
+
+
+def _swiglu_backward(x, g, u, s, d, gate, up, down, keep=None):
+    """One expert's SwiGLU backward on rows x [n, D] (compute dtype), from its gate and up
+    outputs g, u [n, F] (fp32), the rows' scales s [n, 1] (multiplying the hidden units before
+    the down projection) and output cotangent d [n, D] (compute dtype); `keep` [n, 1] (bool)
+    zeroes the hidden units of other rows. Returns (dx [n, D], the gate, up and down kernels'
+    gradients, ds [n]), fp32."""
+    dtype = x.dtype
+    act, sg = _silu_parts(g)
+    au = act * u  # the unscaled hidden units
+    if keep is not None:
+        au = jnp.where(keep, au, 0)
+    ddown = _dot((au * s).astype(dtype).T, d)
+    dh = _dot(d, down.T)
+    ds = (dh * au).sum(-1)
+    if keep is not None:
+        dh = jnp.where(keep, dh, 0)
+    du = (dh * act * s).astype(dtype)
+    dg = (dh * u * s * sg * (1 + g * (1 - sg))).astype(dtype)
+    dx = _dot(dg, gate.T) + _dot(du, up.T)
+    return dx, _dot(x.T, dg), _dot(x.T, du), ddown, ds
 
 
 _block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
+
+
+def chosen_swiglu(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Array,
+                  weights: tuple[jax.Array, ...], config: ModelConfig) -> jax.Array:
+    """The routed experts' weighted output [N, D] (float32) for a few tokens: one pass per
+    expert that any of them chose (ids gathered at run time, a loop as long as their number),
+    each expert's kernels of weights = (gate [E, D, F], up [E, D, F], down [E, F, D]) sliced
+    out once and applied to all N tokens, its hidden units kept where the token chose it and
+    multiplied by that routing weight ([N, K] `routing_weights` of `experts`).
+
+    A decode step reads each chosen expert's kernels once and no other's: at the small preset
+    with 8 tokens, about 21 of 32 experts where every expert masked (`moe.dense_swiglu`) reads
+    all 32; against kernels sliced per assignment (N·K slices) a kernel two tokens share is
+    read once. The backward pass is the same loop (each chosen expert's gate and up outputs
+    computed again) writing each chosen expert's kernel gradients once."""
+    E = config.n_routed_experts
+    N, K = experts.shape
+    dtype = dtype_of(config.dtype)
+    chosen = jax.nn.one_hot(experts, E, dtype=jnp.float32)  # [N, K, E]
+    scale = jnp.einsum("NKE,NK->EN", chosen, routing_weights.astype(jnp.float32))
+    keep = chosen.sum(1).T > 0  # [E, N]
+    used = keep.any(1)
+    ids = jnp.nonzero(used, size=min(N * K, E), fill_value=0)[0].astype(jnp.int32)
+    kernels = tuple(w.astype(dtype) for w in weights)
+    return _chosen_swiglu(tokens.astype(dtype), *kernels, ids, used.sum().astype(jnp.int32),
+                          keep, scale)
+
+
+@jax.custom_vjp
+def _chosen_swiglu(tokens, gate, up, down, ids, used, keep, scale):
+    dtype = tokens.dtype
+
+    def expert(i, y):
+        e = ids[i]
+        g, u = _dot(tokens, gate[e]), _dot(tokens, up[e])
+        h = jnp.where(keep[e][:, None], _silu_parts(g)[0] * u, 0) * scale[e][:, None]
+        return y + _dot(h.astype(dtype), down[e])
+
+    return jax.lax.fori_loop(0, used, expert, jnp.zeros(tokens.shape, jnp.float32))
+
+
+def _chosen_swiglu_fwd(tokens, gate, up, down, ids, used, keep, scale):
+    y = _chosen_swiglu(tokens, gate, up, down, ids, used, keep, scale)
+    return y, (tokens, gate, up, down, ids, used, keep, scale)
+
+
+def _chosen_swiglu_bwd(residuals, dy):
+    tokens, gate, up, down, ids, used, keep, scale = residuals
+    d = dy.astype(tokens.dtype)
+
+    def expert(i, grads):
+        dtokens, dgate, dup, ddown, dscale = grads
+        e = ids[i]
+        g, u = _dot(tokens, gate[e]), _dot(tokens, up[e])
+        dx, dg, du, dd, ds = _swiglu_backward(tokens, g, u, scale[e][:, None], d, gate[e],
+                                              up[e], down[e], keep[e][:, None])
+        return (dtokens + dx, dgate.at[e].set(dg), dup.at[e].set(du), ddown.at[e].set(dd),
+                dscale.at[e].set(ds))
+
+    zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+    dtokens, dgate, dup, ddown, dscale = jax.lax.fori_loop(
+        0, used, expert, (zeros(tokens), zeros(gate), zeros(up), zeros(down), zeros(scale)))
+    return (dtokens.astype(tokens.dtype), dgate.astype(gate.dtype), dup.astype(up.dtype),
+            ddown.astype(down.dtype), _float0(ids), _float0(used), _float0(keep), dscale)
+
+
+_chosen_swiglu.defvjp(_chosen_swiglu_fwd, _chosen_swiglu_bwd)

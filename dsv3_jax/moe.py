@@ -20,8 +20,9 @@ hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_imp
     nothing dropped, no `ragged_dot` (slow on XLA:CPU).
   * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
     with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
-  * few tokens (`few_token_path`, e.g. a decode step or a speculative verify): "sliced", each
-    assignment's kernels sliced out of the stacks (cost ∝ N·K expert matrices), or "dense",
+  * few tokens (`few_token_path`, e.g. a decode step or a speculative verify): "sliced", one
+    token's K kernels sliced out; "chosen", one pass per expert the tokens chose, over all of
+    them (`expert_compute.chosen_swiglu`: cost ∝ the chosen experts' matrices); or "dense",
     every expert on every token masked to the chosen ones (each expert's kernels read once),
     whichever the shapes favour.
   * capacity (`capacity_factor` set; moe_impl "capacity" or "auto"): C = ceil(cf·N·K/E) slots
@@ -59,7 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.expert_compute import block_swiglu, ragged_experts, resolve_moe_impl
+from dsv3_jax.expert_compute import block_swiglu, chosen_swiglu, ragged_experts, resolve_moe_impl
 from dsv3_jax.layers import Einsum, SwiGLU, Weight, dtype_of, product, project
 
 
@@ -255,7 +256,8 @@ def sliced_swiglu(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, 
     """[N, D] tokens through their own K experts [N, K], one assignment at a time: its three
     kernels indexed out of the [E, ...] stacks (dynamic slices: contiguous copies at memcpy
     speed, where a gather of the same kernels goes element by element) and applied to its token
-    as vector-matrix products. [N, K, D] out. Cost ∝ N·K expert matrices: a decode step."""
+    as vector-matrix products. [N, K, D] out. Cost ∝ N·K expert matrices: a one-token decode
+    step (no kernel to share, no loop to run)."""
     N, K = experts.shape
     pick = lambda e: tuple(Weight(jax.lax.dynamic_index_in_dim(w.kernel, e, keepdims=False))
                            for w in weights)
@@ -284,28 +286,42 @@ def dense_swiglu(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...
     return per_expert.sum(0)
 
 
-# Assignments up to which `sliced_swiglu` is unrolled (each is three small products).
-MAX_SLICED_ASSIGNMENTS = 64
+# The expected share of the experts a few tokens choose up to which they take `chosen_swiglu`.
+CHOSEN_SHARE = 0.8
+
+
+def chosen_share(tokens: int, config: ModelConfig) -> float:
+    """The expected share of the E experts that `tokens` tokens choose between them, under
+    uniform routing: a token leaves an expert out with probability 1 − K/E."""
+    K, E = config.num_experts_per_tok, config.n_routed_experts
+    return 1 - (1 - K / E) ** tokens
 
 
 def few_token_path(tokens: int, config: ModelConfig) -> str | None:
     """How the routed experts of `tokens` tokens run when they are few (decided at trace time
     from the shapes; dropless and without an FP8 recipe), or None for the dropless blocks,
     ragged or capacity buffers:
-      "sliced" (`sliced_swiglu`) when 2·N·K ≤ E (and N·K ≤ MAX_SLICED_ASSIGNMENTS): N·K expert
-        matrices sliced out;
+      "sliced" (`sliced_swiglu`) for one token: its K experts' kernels sliced out, unrolled;
+      "chosen" (`expert_compute.chosen_swiglu`) while the tokens are expected to choose at most
+        CHOSEN_SHARE of the experts (`chosen_share`): each chosen expert once (a kernel two
+        tokens share is read once), over all the tokens, in a loop as long as their number;
       "dense" (`dense_swiglu`) when N·E is no more than the blocks buffer's (⌈N·K/b⌉ + E)·b
         rows: E expert matrices read once, no gather, no padding.
-    Measured on 2 CPU cores, one MoE layer, E 16, D 192-256: sliced 0.05 ms at N·K = 2 against
-    0.30 dense and 0.20 for gathering the chosen kernels; the two cost about the same at
-    N·K ≈ 0.75·E, so the switch at E/2 keeps sliced where it clearly wins
-    (benchmarks/moe_decode.py runs the model's choice against the blocks)."""
+    Measured on 2 CPU cores, five MoE layers alone (`benchmarks/moe_decode.py` runs the model's
+    choice against the blocks): small preset (E 32, D 384, F 256) chosen 3.4 ms at 2 tokens
+    against 14.8 dense, 13.5 against 23.4 at 8 (share 0.65), 24 against 30 at 16 (0.88); the
+    bench config (E 16, D 256, F 128) 1.1 against 1.3 at 2, but 2.5 against 2.1 dense at 8
+    (share 0.89): a loop pass per expert costs more than a small expert's share of one batched
+    product once nearly every expert is chosen. In the whole decode step one token ran faster
+    sliced (small preset 186-195 tok/s against 171-175 chosen)."""
     c = config
     if c.capacity_factor is not None or c.fp8 != "none":
         return None
     N, K, E, b = tokens, c.num_experts_per_tok, c.n_routed_experts, c.expert_block_size
-    if 2 * N * K <= E and N * K <= MAX_SLICED_ASSIGNMENTS:
+    if N == 1:
         return "sliced"
+    if chosen_share(N, c) <= CHOSEN_SHARE:
+        return "chosen"
     if N * E <= (-(-N * K // b) + E) * b:
         return "dense"
     return None
@@ -461,6 +477,9 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
     few, impl = few_token_path(N, c), resolve_moe_impl(c)
     if few == "dense":
         return dense_swiglu(tokens, routing, experts.weights(), c)
+    if few == "chosen":
+        return chosen_swiglu(tokens, routing.experts, routing.weights,
+                             tuple(w.kernel for w in experts.weights()), c)
     if few == "sliced":
         y_assign = sliced_swiglu(tokens, routing.experts, experts.weights(), c)
     elif impl == "ragged":

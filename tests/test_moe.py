@@ -166,14 +166,16 @@ def test_sequence_balance_loss_matches_formula():
 
 
 @pytest.mark.parametrize("preset, B, T, path", [
-    ("tiny", 1, 2, "sliced"), ("tiny", 2, 2, "dense"), ("small", 1, 4, "sliced"),
-    ("small", 4, 8, "dense")])
+    ("tiny", 1, 1, "sliced"), ("tiny", 1, 2, "chosen"), ("tiny", 2, 4, "dense"),
+    ("small", 1, 4, "chosen"), ("small", 2, 5, "chosen"), ("small", 4, 8, "dense")])
 def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T, path,
                                                                     monkeypatch):
-    """Decode-sized inputs take the few-token paths (`few_token_path`): "sliced" (each
-    assignment's kernels indexed out) and "dense" (every expert, masked). Outputs equal the
-    per-expert loop, and outputs and gradients wrt params and input equal the dropless blocks
-    path forced on the same tokens, each to max |Δ| ≤ 1e-5 · max (measured ≤ 1e-6)."""
+    """Decode-sized inputs take the few-token paths (`few_token_path`): "sliced" (one token's
+    kernels indexed out), "chosen" (one pass per chosen expert,
+    `expert_compute.chosen_swiglu`) and "dense" (every expert, masked). Outputs
+    equal the per-expert loop, and outputs and gradients wrt params and input equal the
+    dropless blocks path forced on the same tokens, each to max |Δ| ≤ 1e-5 · max (measured
+    ≤ 1e-6). The params include experts no token chose: their gradients must be exactly 0."""
     c = ModelConfig.preset(preset)
     assert moe.few_token_path(B * T, c) == path
     assert moe.few_token_path(48, ModelConfig.preset("tiny")) is None  # other tests: blocks
@@ -190,6 +192,12 @@ def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T
     ref, ref_counts = _reference_moe(params, x, bias, c)
     np.testing.assert_array_equal(np.asarray(counts), ref_counts)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    if path == "chosen":
+        unchosen = ref_counts == 0
+        assert unchosen.any()
+        for kernel in ("gate_proj", "up_proj", "down_proj"):
+            g = np.asarray(grads[0]["experts"][kernel]["kernel"])
+            assert np.abs(g[unchosen]).max() == 0.0 and np.abs(g[~unchosen]).max() > 0
     monkeypatch.setattr(moe, "few_token_path", lambda tokens, config: None)
     y_blocks, _, grads_blocks = run()
     for a, b in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((y_blocks, grads_blocks)),

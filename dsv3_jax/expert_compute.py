@@ -258,7 +258,8 @@ def chosen_swiglu(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Ar
     with 8 tokens, about 21 of 32 experts where every expert masked (`moe.dense_swiglu`) reads
     all 32; against kernels sliced per assignment (N·K slices) a kernel two tokens share is
     read once. The backward pass is the same loop (each chosen expert's gate and up outputs
-    computed again) writing each chosen expert's kernel gradients once."""
+    computed again) writing each chosen expert's kernel gradients once. Not for use inside
+    shard_map (the kernels' gradients are not summed over the map's other axes)."""
     E = config.n_routed_experts
     N, K = experts.shape
     dtype = dtype_of(config.dtype)

@@ -303,8 +303,9 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
     ragged or capacity buffers:
       "sliced" (`sliced_swiglu`) for one token: its K experts' kernels sliced out, unrolled;
       "chosen" (`expert_compute.chosen_swiglu`) while the tokens are expected to choose at most
-        CHOSEN_SHARE of the experts (`chosen_share`): each chosen expert once (a kernel two
-        tokens share is read once), over all the tokens, in a loop as long as their number;
+        CHOSEN_SHARE of the experts (`chosen_share`), outside shard_map: each chosen expert
+        once (a kernel two tokens share is read once), over all the tokens, in a loop as long
+        as their number;
       "dense" (`dense_swiglu`) when N·E is no more than the blocks buffer's (⌈N·K/b⌉ + E)·b
         rows: E expert matrices read once, no gather, no padding.
     Measured on 2 CPU cores, five MoE layers alone (`benchmarks/moe_decode.py` runs the model's
@@ -320,7 +321,10 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
     N, K, E, b = tokens, c.num_experts_per_tok, c.n_routed_experts, c.expert_block_size
     if N == 1:
         return "sliced"
-    if chosen_share(N, c) <= CHOSEN_SHARE:
+    # not inside shard_map: like block_swiglu's, its backward does not sum the kernels'
+    # gradients over the map's other mesh axes
+    in_map = bool(jax.sharding.get_abstract_mesh().manual_axes)
+    if chosen_share(N, c) <= CHOSEN_SHARE and not in_map:
         return "chosen"
     if N * E <= (-(-N * K // b) + E) * b:
         return "dense"

@@ -206,6 +206,21 @@ def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
+def test_the_chosen_path_stays_out_of_shard_map():
+    """Inside shard_map the few-token choice skips "chosen" (its custom backward does not sum
+    the kernels' gradients over the map's other axes) for the next path that fits."""
+    c = ModelConfig.preset("small")
+    seen = []
+
+    def traced(x):
+        seen.append(moe.few_token_path(4, c))
+        return x
+
+    mesh = jax.make_mesh((1,), ("data",))
+    jax.shard_map(traced, mesh=mesh, in_specs=jax.P(), out_specs=jax.P())(jnp.zeros(2))
+    assert moe.few_token_path(4, c) == "chosen" and seen == ["dense"]
+
+
 @pytest.mark.parametrize("preset, tokens, skewed", [
     ("tiny", 48, False), ("tiny", 48, True), ("small", 320, True)])
 def test_ragged_equals_blocks_outputs_and_gradients(preset, tokens, skewed):

@@ -131,11 +131,31 @@ def figure_call(figure: str, config, batch: int, seq_len: int, context: int):
                                              cache_index=0, mtp=False).cache)
     if figure == "prefill":
         return prefill, (variables, tokens(batch, context))
-    # the decode layout generate() steps in: per-layer weights and caches (dsv3_jax.unstacked)
+    # the decode layout generate() steps in: per-layer weights and caches (dsv3_jax.unstacked),
+    # the cache donated and written in place
     cache = unstacked.unstack_cache(prefill(variables, tokens(batch, context)))
-    step = jax.jit(lambda v, t, cache: unstacked.forward(config, v, t, cache=cache,
-                                                         cache_index=context).logits)
-    return step, (unstacked.unstack_variables(config, variables), tokens(batch, 1), cache)
+
+    def step(v, t, cache):
+        out = unstacked.forward(config, v, t, cache=cache, cache_index=context)
+        return out.logits, out.cache
+
+    return (_Threaded(jax.jit(step, donate_argnums=2), cache),
+            (unstacked.unstack_variables(config, variables), tokens(batch, 1)))
+
+
+class _Threaded:
+    """A jitted step whose donated last argument is its previous call's second output (a decode
+    cache, updated in place as `generate` does); called with the other arguments."""
+
+    def __init__(self, fn, state):
+        self.fn, self.state = fn, state
+
+    def lower(self, *args):
+        return self.fn.lower(*args, self.state)
+
+    def __call__(self, *args):
+        out, self.state = self.fn(*args, self.state)
+        return out
 
 
 def main():

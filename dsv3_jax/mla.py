@@ -73,12 +73,27 @@ class LatentCache:
         `dynamic_update_slice`, a window running past the end is moved back to fit.
         """
         index = jnp.asarray(index)
+        if self.c_kv.ndim == 2:  # one sequence, stored without its batch axis (`squeeze`)
+            at = index.reshape(-1)[0]  # a scalar, or the one row's [1]
+            put = lambda buf, new: jax.lax.dynamic_update_slice(buf, new[0].astype(buf.dtype),
+                                                                (at, 0))
+            return LatentCache(put(self.c_kv, c_kv), put(self.k_pe, k_pe))
         return LatentCache(write_entries(self.c_kv, c_kv, index),
                            write_entries(self.k_pe, k_pe, index))
 
     def view(self) -> LatentCache:
-        """The cache attention reads (`LayerCache.view`'s counterpart): itself."""
+        """The cache attention reads ([B, S, ·]; `LayerCache.view`'s counterpart): itself, with
+        the batch axis of a squeezed one-sequence cache."""
+        if self.c_kv.ndim == 2:
+            return LatentCache(self.c_kv[None], self.k_pe[None])
         return self
+
+    def squeeze(self) -> LatentCache:
+        """A one-sequence cache stored [S, ·]. On XLA:CPU a [1, S, ·] cache written in place and
+        read by a product (whose size-1 batch axis XLA drops: a bitcast of the written buffer)
+        was copied four times per step; stored [S, ·], the write, the products and the returned
+        buffer are one buffer."""
+        return LatentCache(self.c_kv[0], self.k_pe[0])
 
 
 @flax.struct.dataclass

@@ -69,9 +69,14 @@ def unstack_variables(config: ModelConfig, variables: dict) -> Unstacked:
 
 
 def unstack_cache(cache: dict) -> dict:
-    """`init_cache`'s layout → per-layer LatentCaches for the dense and MoE stacks."""
-    split = lambda stack: tuple(jax.tree.map(lambda a, i=i: a[i], stack)
-                                for i in range(jax.tree.leaves(stack)[0].shape[0]))
+    """`init_cache`'s layout → per-layer LatentCaches for the dense and MoE stacks; a
+    one-sequence cache's without their batch axis (`LatentCache.squeeze`: written and read in
+    place on XLA:CPU)."""
+    def split(stack):
+        layers = tuple(jax.tree.map(lambda a, i=i: a[i], stack)
+                       for i in range(stack.c_kv.shape[0]))
+        return tuple(c.squeeze() for c in layers) if stack.c_kv.shape[1] == 1 else layers
+
     return {key: split(value) if key in ("dense", "moe") else value
             for key, value in cache.items()}
 
@@ -79,7 +84,7 @@ def unstack_cache(cache: dict) -> dict:
 def restack_cache(cache: dict) -> dict:
     """`unstack_cache`'s inverse: the layout `init_cache` makes and `DeepSeekV3` takes (a
     cache already in it is returned as it is)."""
-    stack = lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    stack = lambda layers: jax.tree.map(lambda *a: jnp.stack(a), *(c.view() for c in layers))
     return {key: stack(value) if isinstance(value, tuple) else value
             for key, value in cache.items()}
 

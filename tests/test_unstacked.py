@@ -39,10 +39,11 @@ def close(got, want, what):
                                err_msg=what)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_unstacked_forward_equals_the_scanned_model(name):
+@pytest.mark.parametrize("name, B", [(name, 3) for name in CONFIGS] + [("dense+moe", 1)])
+def test_unstacked_forward_equals_the_scanned_model(name, B):
+    """B = 1: the per-layer caches drop their batch axis (`LatentCache.squeeze`)."""
     c = CONFIGS[name]
-    B, T, S = 3, 6, 12
+    T, S = 6, 12
     variables = flax.core.unfreeze(nn.unbox(init_variables(c, jax.random.key(0))))
     bias = variables["moe_bias"]["e_score_correction_bias"]  # distinct per layer: selection moves
     variables["moe_bias"]["e_score_correction_bias"] = jax.random.normal(jax.random.key(2),
@@ -51,7 +52,7 @@ def test_unstacked_forward_equals_the_scanned_model(name):
     assert len(layers.dense) == c.num_dense_layers and len(layers.moe) == c.num_moe_layers
     net = DeepSeekV3(c)
     tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, c.vocab_size)
-    index = jnp.array([T, T - 2, T - 5], jnp.int32)  # one place per row for the step
+    index = jnp.array([T, T - 2, T - 5][:B], jnp.int32)  # one place per row for the step
 
     @jax.jit
     def scanned(variables):
@@ -70,6 +71,8 @@ def test_unstacked_forward_equals_the_scanned_model(name):
         return pre, step
 
     want, got = scanned(variables), per_layer(layers)
+    per_layer_caches = [got[1].cache[k] for k in ("dense", "moe") if k in got[1].cache]
+    assert all(leaf.ndim == (2 if B == 1 else 3) for leaf in jax.tree.leaves(per_layer_caches))
     for phase, w, g in zip(("prefill", "step"), want, got):
         for field in ("logits", "hidden", "expert_counts", "balance_loss"):
             close(getattr(g, field), getattr(w, field)[:len(getattr(g, field))]
@@ -89,16 +92,20 @@ def test_unstacked_forward_equals_the_scanned_model(name):
         assert int(got[1].expert_counts.sum()) == c.num_moe_layers * B * c.num_experts_per_tok
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_generate_takes_the_same_tokens_with_and_without_the_split(monkeypatch, speculative):
+@pytest.mark.parametrize("speculative, rows", [(False, None), (True, None), (False, 1),
+                                                (True, 1)])
+def test_generate_takes_the_same_tokens_with_and_without_the_split(monkeypatch, speculative,
+                                                                   rows):
     """Decode loops split the stacks on XLA:CPU only (`unstacked.for_decoding`); the stacked
-    path accelerators take gives the same greedy tokens and the same forwards and acceptance."""
+    path accelerators take gives the same greedy tokens and the same forwards and acceptance.
+    One prompt: the split caches drop their batch axis."""
     variables = random_variables(TINY)
+    prompts = PROMPTS[:rows]
     results = []
     for split in (True, False):
         monkeypatch.setattr(unstacked, "split_pays", lambda split=split: split)
         decode._generate.clear_cache()  # the choice is made at trace time
-        results.append(generate(TINY, variables, PROMPTS, NEW, speculative=speculative,
+        results.append(generate(TINY, variables, prompts, NEW, speculative=speculative,
                                 return_result=True))
     split, stacked = results
     for field in ("sequences", "lengths", "forwards", "drafted", "accepted"):

@@ -12,6 +12,7 @@ import numpy as np
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.moe import chosen_share
 
 
 @functools.lru_cache(maxsize=32)
@@ -102,9 +103,9 @@ def decode_step_bytes(config: ModelConfig, batch: int, context: int, dtype=jnp.f
     """Bytes one decode step of `batch` sequences must read at least, at `dtype`'s size: every
     main-model weight once (of the embedding table only the batch's rows), of the routed experts
     those the batch selects, and each sequence's latent cache over `context` positions in every
-    layer. Under uniform routing a token leaves each expert unselected with probability
-    1 − K/E, so a MoE layer reads E·(1 − (1 − K/E)^B) experts on average (exactly K for one
-    sequence). Steps per second ≤ memory bandwidth / these bytes: decode's roofline."""
+    layer. Under uniform routing a MoE layer reads E·(1 − (1 − K/E)^B) experts on average
+    (`moe.chosen_share`; exactly K for one sequence). Steps per second ≤ memory bandwidth /
+    these bytes: decode's roofline."""
     c = config
     itemsize = np.dtype(jnp.dtype(dtype)).itemsize
     dense = routed = 0
@@ -118,7 +119,6 @@ def decode_step_bytes(config: ModelConfig, batch: int, context: int, dtype=jnp.f
             routed += size
         else:
             dense += size
-    E, K = c.n_routed_experts, c.num_experts_per_tok
-    selected = E * (1 - (1 - K / E) ** batch) / E if E else 0.0
+    selected = chosen_share(batch, c) if c.n_routed_experts else 0.0
     cache = int(kv_cache_bytes(c, dtype)) * context * c.num_hidden_layers * batch
     return (dense + routed * selected) * itemsize + cache

@@ -8,13 +8,13 @@ sorted by expert, M = N·K here):
     per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
     GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
-A few tokens (`moe.few_token_path`) may instead run each expert they chose once over all of
-them (`chosen_swiglu`), whatever the implementation.
   * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode),
     else "ragged" on TPU and GPU and "blocks" on CPU and under an FP8 recipe (ragged_dot has
     none). The platform is that of the mesh being traced under (`jax.set_mesh`, e.g. a
     described TPU slice for an AOT compile), else JAX's default backend. Each resolution is
     logged once.
+A few tokens (`moe.few_token_path`) may instead run each expert they chose once over all of
+them (`chosen_swiglu`), whatever the implementation.
 
 The ragged path calls `jax.lax.ragged_dot` directly, not `layers.project`: its operands and
 outputs are in the compute dtype (the kernels accumulate in fp32), and no precision recipe

@@ -42,26 +42,25 @@ from dsv3_jax.training.step import cross_entropy
 FIGURES = ("train", "prefill", "decode", "generate")
 
 
+def _fastest(jax_call, torch_call) -> float:
+    """Median seconds of the faster of a jax call (blocked on) and a torch call."""
+    return min(median_seconds(lambda: jax.block_until_ready(jax_call()), 5),
+               median_seconds(torch_call, 5))
+
+
 def memory_bandwidth(torch) -> float:
     """Bytes/s of reading a 512 MiB f32 array (a sum): the faster of jax (jitted) and torch."""
     n = 2 ** 27
-    a = jnp.ones((n,), jnp.float32) + 0
-    total = jax.jit(jnp.sum)
-    t_jax = median_seconds(lambda: total(a).block_until_ready(), 5)
-    ta = torch.ones(n)
-    t_torch = median_seconds(lambda: ta.sum(), 5)
-    return 4 * n / min(t_jax, t_torch)
+    a, ta, total = jnp.ones((n,), jnp.float32) + 0, torch.ones(n), jax.jit(jnp.sum)
+    return 4 * n / _fastest(lambda: total(a), ta.sum)
 
 
 def matmul_peak(torch) -> float:
     """FLOP/s of an f32 2048³ matmul: the faster of jax (jitted) and torch."""
     n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    mm = jax.jit(lambda a: a @ a)
-    t_jax = median_seconds(lambda: mm(a).block_until_ready(), 5)
-    ta = torch.randn(n, n)
-    t_torch = median_seconds(lambda: ta @ ta, 5)
-    return 2 * n ** 3 / min(t_jax, t_torch)
+    a, ta, mm = jax.random.normal(jax.random.key(0), (n, n)), torch.randn(n, n), jax.jit(
+        lambda a: a @ a)
+    return 2 * n ** 3 / _fastest(lambda: mm(a), lambda: ta @ ta)
 
 
 class Theirs:

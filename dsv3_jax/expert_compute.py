@@ -246,6 +246,14 @@ def _swiglu_backward(x, g, u, s, d, gate, up, down, keep=None):
 _block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
 
 
+def chosen_rows(experts: jax.Array, routing_weights: jax.Array, num_experts: int):
+    """(keep [E, N] bool: token n chose expert e, scale [E, N] fp32: its routing weight there,
+    0 elsewhere) from experts and routing_weights [N, K]: each expert's rows over all tokens."""
+    chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [N, K, E]
+    scale = jnp.einsum("NKE,NK->EN", chosen, routing_weights.astype(jnp.float32))
+    return chosen.sum(1).T > 0, scale
+
+
 def chosen_swiglu(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Array,
                   weights: tuple[jax.Array, ...], config: ModelConfig) -> jax.Array:
     """The routed experts' weighted output [N, D] (float32) for a few tokens: one pass per
@@ -263,9 +271,7 @@ def chosen_swiglu(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Ar
     E = config.n_routed_experts
     N, K = experts.shape
     dtype = dtype_of(config.dtype)
-    chosen = jax.nn.one_hot(experts, E, dtype=jnp.float32)  # [N, K, E]
-    scale = jnp.einsum("NKE,NK->EN", chosen, routing_weights.astype(jnp.float32))
-    keep = chosen.sum(1).T > 0  # [E, N]
+    keep, scale = chosen_rows(experts, routing_weights, E)
     used = keep.any(1)
     ids = jnp.nonzero(used, size=min(N * K, E), fill_value=0)[0].astype(jnp.int32)
     kernels = tuple(w.astype(dtype) for w in weights)

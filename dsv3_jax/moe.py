@@ -60,7 +60,13 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.expert_compute import block_swiglu, chosen_swiglu, ragged_experts, resolve_moe_impl
+from dsv3_jax.expert_compute import (
+    block_swiglu,
+    chosen_rows,
+    chosen_swiglu,
+    ragged_experts,
+    resolve_moe_impl,
+)
 from dsv3_jax.layers import Einsum, SwiGLU, Weight, dtype_of, product, project
 
 
@@ -274,12 +280,10 @@ def dense_swiglu(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...
     kernels as stored ('END,EDF->ENF'): as 'ND,EDF->NEF', XLA:CPU copied the [E, D, F] stacks
     into [D, E·F] every call."""
     E = config.n_routed_experts
-    chosen = jax.nn.one_hot(routing.experts, E, dtype=jnp.float32)
-    scale = jnp.einsum("NKE,NK->EN", chosen, routing.weights)[..., None]  # [E, N, 1]
-    keep = chosen.sum(1).T[..., None] > 0
+    keep, scale = chosen_rows(routing.experts, routing.weights, E)  # [E, N] each
 
     def weigh(h):  # a select, not only the 0 scale: 0·inf would be NaN
-        return (jnp.where(keep, h, 0) * scale).astype(h.dtype)
+        return (jnp.where(keep[..., None], h, 0) * scale[..., None]).astype(h.dtype)
 
     per_expert = swiglu(jnp.broadcast_to(tokens, (E, *tokens.shape)), weights, "END,EDF->ENF",
                         "ENF,EFD->END", config, hidden=weigh, out_dtype=jnp.float32)

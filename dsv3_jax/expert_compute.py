@@ -24,6 +24,7 @@ applies (config validation refuses moe_impl="ragged" with an FP8 recipe).
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,9 +121,31 @@ def _dot(a, w):
     return jnp.dot(a, w, preferred_element_type=jnp.float32)
 
 
+class ExpertStacks(NamedTuple):
+    """Every layer's expert kernels of a block stack as stored ([L, E, D, F], [L, E, D, F],
+    [L, E, F, D]) and the layer reading them: `block_swiglu` then reads its blocks' kernels
+    from the stacks, not from a copy of the layer's slice (`stacks_pay`)."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    layer: jax.Array | int = 0
+
+
+def stacks_pay() -> bool:
+    """Whether a block stack hands `block_swiglu` its whole expert stacks (`ExpertStacks`): on
+    one XLA:CPU device, which copies a layer's `[E, D, F]` slice of a stack before a loop can
+    read it (the whole slice, each layer, every step). Under a multi-device mesh the stacks
+    would be gathered whole where a layer's slice is gathered now; elsewhere slices are
+    free or the blocks path is not taken."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return platform() == "cpu" and (mesh.empty or mesh.size == 1)
+
+
 def block_swiglu(tokens: jax.Array, rows: jax.Array, weights: tuple[jax.Array, ...],
                  block_expert: jax.Array, scale: jax.Array, config: ModelConfig,
-                 used: jax.Array | None = None) -> jax.Array:
+                 used: jax.Array | None = None,
+                 stacks: ExpertStacks | None = None) -> jax.Array:
     """The routed experts' weighted output [N, D] (float32) from token blocks, one block at a
     time, all three projections and the combine in one loop: block p holds
     tokens[rows[p·b:(p+1)·b]] (an index of N marks an empty slot: its scale is 0 and its output
@@ -143,13 +166,29 @@ def block_swiglu(tokens: jax.Array, rows: jax.Array, weights: tuple[jax.Array, .
     a [P, b, D] output stack, gathered back into [N, K, D] and summed, took zero-filled
     [P, b, D] buffers for the output and for both gradients (one MoE layer's fwd+bwd at 4,096
     small-preset tokens: ~320 → ~280-310 ms). Not for use inside shard_map (the kernels'
-    gradients are not summed over the map's other axes)."""
+    gradients are not summed over the map's other axes).
+
+    With `stacks` (the same kernels as layer `stacks.layer` of [L, …] stacks), both loops read
+    the blocks' kernels out of the stacks and `weights` only receive the gradients: a layer of
+    an unrolled or scanned stack then reads no copy of its slice (`ExpertStacks`)."""
     dtype = dtype_of(config.dtype)
     P, b = scale.shape
     used = jnp.asarray(P if used is None else used, jnp.int32)
     kernels = tuple(w.astype(dtype) for w in weights)
+    source = () if stacks is None else (
+        *(jax.lax.stop_gradient(s).astype(dtype) for s in stacks[:3]),
+        jnp.asarray(stacks.layer, jnp.int32))
     return _block_swiglu(tokens.astype(dtype), rows.reshape(P, b), *kernels, block_expert,
-                         scale.astype(jnp.float32), used)
+                         scale.astype(jnp.float32), used, source)
+
+
+def _reader(gate, up, down, source):
+    """e → expert e's (gate, up, down) kernels: of the layer's own stacks, or of layer
+    source[3] of the whole stacks source[:3] (`block_swiglu`'s `stacks`)."""
+    if not source:
+        return lambda e: (gate[e], up[e], down[e])
+    *stacks, layer = source
+    return lambda e: tuple(s[layer, e] for s in stacks)
 
 
 def _silu_parts(g):
@@ -157,19 +196,21 @@ def _silu_parts(g):
     return g * sg, sg
 
 
-def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used):
+def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, source):
     """(y [N, D]: each token's scaled expert outputs summed, (g, u) [P, b, F] float32 of each
     block, 0 past `used`)."""
     dtype = tokens.dtype
     P, b = rows.shape
     F = gate.shape[2]
+    kernels = _reader(gate, up, down, source)
 
     def block(y, p):
         def run(y):
             x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
-            g, u = _dot(x, gate[e]), _dot(x, up[e])
+            w_gate, w_up, w_down = kernels(e)
+            g, u = _dot(x, w_gate), _dot(x, w_up)
             h = _silu_parts(g)[0] * u * scale[p][:, None]
-            y = y.at[rows[p]].add(_dot(h.astype(dtype), down[e]), mode="drop")
+            y = y.at[rows[p]].add(_dot(h.astype(dtype), w_down), mode="drop")
             return y, (g, u)
 
         zeros = jnp.zeros((b, F), jnp.float32)
@@ -180,26 +221,28 @@ def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used):
 
 
 @jax.custom_vjp
-def _block_swiglu(tokens, rows, gate, up, down, block_expert, scale, used):
-    return _block_forward(tokens, rows, gate, up, down, block_expert, scale, used)[0]
+def _block_swiglu(tokens, rows, gate, up, down, block_expert, scale, used, source):
+    return _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, source)[0]
 
 
-def _block_swiglu_fwd(tokens, rows, gate, up, down, block_expert, scale, used):
-    y, g, u = _block_forward(tokens, rows, gate, up, down, block_expert, scale, used)
-    return y, (tokens, rows, gate, up, down, block_expert, scale, used, g, u)
+def _block_swiglu_fwd(tokens, rows, gate, up, down, block_expert, scale, used, source):
+    y, g, u = _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, source)
+    # with a source, gate/up/down are kept for their shapes only (XLA drops the unread copies)
+    return y, (tokens, rows, gate, up, down, block_expert, scale, used, source, g, u)
 
 
 def _block_swiglu_bwd(residuals, dy):
-    tokens, rows, gate, up, down, block_expert, scale, used, g_all, u_all = residuals
+    tokens, rows, gate, up, down, block_expert, scale, used, source, g_all, u_all = residuals
     dtype = tokens.dtype
     P, b = rows.shape
+    kernels = _reader(gate, up, down, source)
 
     def block(p, grads):
         dtokens, dgate, dup, ddown = grads
         x, e = jnp.take(tokens, rows[p], axis=0, mode="clip"), block_expert[p]
         d = jnp.take(dy, rows[p], axis=0, mode="fill", fill_value=0).astype(dtype)
         dx, dg, du, dd, dscale = _swiglu_backward(x, g_all[p], u_all[p], scale[p][:, None], d,
-                                                  gate[e], up[e], down[e])
+                                                  *kernels(e))
         dgate, dup, ddown = dgate.at[e].add(dg), dup.at[e].add(du), ddown.at[e].add(dd)
         dtokens = dtokens.at[rows[p]].add(dx, mode="drop")
         return (dtokens, dgate, dup, ddown), dscale
@@ -211,9 +254,11 @@ def _block_swiglu_bwd(residuals, dy):
     zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
     (dtokens, dgate, dup, ddown), dscale = jax.lax.scan(
         maybe, (zeros(tokens), zeros(gate), zeros(up), zeros(down)), jnp.arange(P))
+    # the stacks are read under stop_gradient: no cotangent (None: a symbolic zero)
+    source_cotangent = () if not source else (None, None, None, _float0(source[3]))
     return (dtokens.astype(dtype), _float0(rows), dgate.astype(gate.dtype),
             dup.astype(up.dtype), ddown.astype(down.dtype), _float0(block_expert), dscale,
-            _float0(used))
+            _float0(used), source_cotangent)
 
 
 def _float0(a):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.expert_compute import ExpertStacks, stacks_pay
 from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, dtype_of, logically_partitioned, remat_policy
 from dsv3_jax.mla import MLA, LatentCache, LayerCache
 from dsv3_jax.moe import MoE
@@ -50,7 +51,7 @@ class Block(nn.Module):
     absorb: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, cache_index, bias, cache):
+    def __call__(self, x, positions, cache_index, bias, cache, stacks=None):
         c = self.config
         h, cache = MLA(c, name="self_attn")(
             RMSNorm(c.hidden_size, c, name="input_layernorm")(x), positions, cache, cache_index,
@@ -58,7 +59,7 @@ class Block(nn.Module):
         x = x + h
         h = RMSNorm(c.hidden_size, c, name="post_attention_layernorm")(x)
         if self.moe:
-            y, counts, balance = MoE(c, name="mlp")(h, bias)
+            y, counts, balance = MoE(c, name="mlp")(h, bias, stacks)
         else:
             y, counts, balance = SwiGLU(c.intermediate_size, c, name="mlp")(h), None, None
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
@@ -68,20 +69,25 @@ class Block(nn.Module):
 class _CarriedBlock(Block):
     """A Block whose scan carry is (x, the stack's whole decode cache or None), and whose
     scanned inputs are (its correction bias, its layer index): the layer writes into the
-    carried cache in place (`LayerCache`). Same parameters as Block (a subclass, no scope)."""
+    carried cache in place (`LayerCache`) and, given the stack's expert kernels (gate, up,
+    down), reads its experts' blocks from them (`ExpertStacks`). Same parameters as Block (a
+    subclass, no scope)."""
 
-    def __call__(self, carry, positions, cache_index, bias, layer):
+    def __call__(self, carry, positions, cache_index, bias, layer, experts):
         x, stack = carry
         cache = None if stack is None else LayerCache(stack, layer)
-        x, (cache, counts, balance) = super().__call__(x, positions, cache_index, bias, cache)
+        stacks = None if experts is None else ExpertStacks(*experts, layer=layer)
+        x, (cache, counts, balance) = super().__call__(x, positions, cache_index, bias, cache,
+                                                       stacks)
         return (x, None if cache is None else cache.stack), (counts, balance)
 
 
 def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str,
            cached: bool = False):
     """`length` Blocks as one nn.scan with a leading `layers` axis on every parameter, called
-    as stack((x, cache or None), positions, cache_index, bias [L, E] or None) →
-    ((x, cache), (counts, balance)); `cached`: a cache is given (`ModelConfig.unrolled`)."""
+    as stack((x, cache or None), positions, cache_index, bias [L, E] or None, experts) →
+    ((x, cache), (counts, balance)), experts: the stack's own (gate, up, down) expert kernels
+    [L, …] or None (`_CarriedBlock`); `cached`: a cache is given (`ModelConfig.unrolled`)."""
     block = _CarriedBlock
     policy = remat_policy(config.remat_policy)
     unrolled = config.unrolled(length, cached)
@@ -93,13 +99,13 @@ def _stack(config: ModelConfig, moe: bool, absorb: bool, length: int, name: str,
         block,
         variable_axes={"params": 0, "fp8": 0},  # per-layer FP8 scaling state, like params
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, 0),
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
         unroll=length if unrolled else 1,  # same parameters either way
     )(config, moe, absorb, name=name)
-    return lambda carry, positions, cache_index, bias: scan(
-        carry, positions, cache_index, bias, jnp.arange(length, dtype=jnp.int32))
+    return lambda carry, positions, cache_index, bias, experts=None: scan(
+        carry, positions, cache_index, bias, jnp.arange(length, dtype=jnp.int32), experts)
 
 
 class MTPModule(nn.Module):
@@ -165,7 +171,8 @@ class DeepSeekV3(nn.Module):
         if c.num_moe_layers:
             (x, new), (layer_counts, layer_balance) = _stack(
                 c, True, absorb, c.num_moe_layers, "moe_layers", cache is not None)(
-                (x, get("moe")), positions, cache_index, bias[:c.num_moe_layers])
+                (x, get("moe")), positions, cache_index, bias[:c.num_moe_layers],
+                self._expert_stacks())
             counts.append(layer_counts)
             balance.append(layer_balance)
             if cache is not None:
@@ -187,6 +194,14 @@ class DeepSeekV3(nn.Module):
             hidden=hidden,
             cache=cache,
         )
+
+    def _expert_stacks(self):
+        """The MoE stack's (gate, up, down) expert kernels [L_moe, …] as stored, for its
+        layers' blocks to read in place (`expert_compute.stacks_pay`), or None (at init)."""
+        if self.is_initializing() or not stacks_pay():
+            return None
+        experts = nn.unbox(self.variables["params"]["moe_layers"]["mlp"]["experts"])
+        return tuple(experts[name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj"))
 
 
 def default_positions(batch: int, length: int, cache_index=None) -> jax.Array:

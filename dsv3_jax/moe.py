@@ -61,6 +61,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.expert_compute import (
+    ExpertStacks,
     block_swiglu,
     chosen_rows,
     chosen_swiglu,
@@ -387,7 +388,8 @@ def block_rows(assignments: int, config: ModelConfig) -> int:
 
 
 def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, ...],
-                    config: ModelConfig, capacity: int | None = None) -> jax.Array:
+                    config: ModelConfig, capacity: int | None = None,
+                    stacks: ExpertStacks | None = None) -> jax.Array:
     """The routed experts' weighted output [N, D] (fp32) through an expert-major slot buffer:
     dropless blocks of `expert_block_size` (of `block_rows` rows, one block at a time), or
     `capacity` slots per expert (overflow dropped).
@@ -397,7 +399,8 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     exactly 0, so its row needs no zero fill), and each token's K slots are summed: nothing
     [N, K, D] is kept for the backward pass, since the weight's gradient comes from the hidden
     units the down projection keeps anyway. Dropless one block at a time (`per_block`),
-    `expert_compute.block_swiglu` adds each block's outputs into its tokens' rows itself."""
+    `expert_compute.block_swiglu` adds each block's outputs into its tokens' rows itself (from
+    the layer stacks' kernels when given `stacks`)."""
     D = tokens.shape[1]
     E, b = config.n_routed_experts, config.expert_block_size
     blocks = capacity is None and per_block(config)  # expert_compute.block_swiglu
@@ -409,7 +412,7 @@ def slotted_experts(tokens: jax.Array, routing: Routing, weights: tuple[Weight, 
     if blocks:
         return block_swiglu(tokens, plan.token, tuple(w.kernel for w in weights),
                             plan.block_expert, slot_weight.reshape(-1, b), config,
-                            plan.used_blocks)
+                            plan.used_blocks, stacks)
     if capacity is None:
         y_slots = grouped_swiglu(tokens, plan.block_expert, weights, config, rows=plan.token,
                                  scale=slot_weight.reshape(-1, b), out_dtype=jnp.float32)
@@ -476,9 +479,10 @@ def _expert_parallel_strategy(shards: int) -> ExpertParallel:
 
 
 def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
-                  config: ModelConfig) -> jax.Array:
+                  config: ModelConfig, stacks: ExpertStacks | None = None) -> jax.Array:
     """The routed experts' weighted output [N, D] (fp32) on one device, by the path the
-    shapes (`few_token_path`) and `moe_impl` pick."""
+    shapes (`few_token_path`) and `moe_impl` pick; the dropless blocks one at a time read
+    their kernels from `stacks` when given (the same kernels, as a layer of the stacks)."""
     c = config
     N = tokens.shape[0]
     E, K = c.n_routed_experts, c.num_experts_per_tok
@@ -493,7 +497,7 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
     elif impl == "ragged":
         y_assign = ragged_experts(tokens, routing.experts, experts.weights(), c)
     elif impl == "blocks":
-        return slotted_experts(tokens, routing, experts.weights(), c)
+        return slotted_experts(tokens, routing, experts.weights(), c, stacks=stacks)
     else:
         capacity = max(1, math.ceil(c.capacity_factor * N * K / E))
         return slotted_experts(tokens, routing, experts.weights(), c, capacity)
@@ -506,8 +510,9 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array):
-        """x: [B, T, D]; bias: [E] this layer's correction bias (from the `moe_bias` state)."""
+    def __call__(self, x: jax.Array, bias: jax.Array, stacks: ExpertStacks | None = None):
+        """x: [B, T, D]; bias: [E] this layer's correction bias (from the `moe_bias` state);
+        stacks: this layer's expert kernels as a layer of its stack's (`ExpertStacks`)."""
         c = self.config
         B, T, D = x.shape
         E = c.n_routed_experts
@@ -522,7 +527,7 @@ class MoE(nn.Module):
         if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
             y = _expert_parallel_strategy(shards)(tokens, routing, experts.weights(), c)
         else:
-            y = local_experts(tokens, routing, experts, c).astype(x.dtype)
+            y = local_experts(tokens, routing, experts, c, stacks).astype(x.dtype)
         y = y.reshape(B, T, D)
         if c.n_shared_experts:
             y = y + SwiGLU(c.n_shared_experts * c.moe_intermediate_size, c,

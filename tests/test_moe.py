@@ -283,19 +283,24 @@ def test_moe_impl_choice_and_errors(caplog):
             ModelConfig.preset("tiny", ep_buffer_factor=bad)
 
 
-@pytest.mark.parametrize("dtype, used", [("float32", None), ("bfloat16", None), ("float32", 5)])
-def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
+@pytest.mark.parametrize("dtype, used, stacked", [("float32", None, False),
+                                                  ("bfloat16", None, False),
+                                                  ("float32", 5, False), ("float32", 5, True)])
+def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used, stacked):
     """expert_compute.block_swiglu (the three projections and the combine one block at a time,
     custom backward) against the batched einsums over gathered kernels, summed into the tokens'
     rows, and jax's own gradients of them: the [N, D] output, and the gradients of the tokens,
     the three kernels and the slot scales. Slots of row N are empty (scale 0: nothing may reach
     a token from them, nor a scale gradient); expert 2 is used by no block (its kernel
     gradients exactly 0). With `used` = 5 of the 7 blocks, blocks 5 and 6 (expert 4 only) add
-    nothing and pass back nothing. fp32: both sides multiply
+    nothing and pass back nothing. `stacked`: the kernels are layer 1 of three-layer stacks
+    (the other layers different) handed in as `ExpertStacks`, which the loops read instead
+    of the layer's own kernels; the gradients still reach the layer's kernels. fp32: both sides
+    multiply
     the same operands (measured ≤ 1.1e-7 of the largest value), so 1e-6; bf16: the hidden
     units and cotangents are rounded at different points (the reference's projections return
     bf16; measured ≤ 1.04e-2, about one bf16 ulp), so 3e-2."""
-    from dsv3_jax.expert_compute import block_swiglu
+    from dsv3_jax.expert_compute import ExpertStacks, block_swiglu
 
     c = ModelConfig.preset("tiny", dtype=dtype)
     P, b, D, F, E, N = 7, 4, 16, 8, 5, 20
@@ -320,9 +325,14 @@ def test_block_swiglu_equals_gathered_kernels_with_gradients(dtype, used):
         y = jnp.where(live, y, 0).reshape(P * b, D)
         return jnp.zeros((N, D), jnp.float32).at[rows].add(y, mode="drop")
 
+    others = [jax.random.normal(jax.random.fold_in(ks[6], i), (3, *k.shape))
+              for i, k in enumerate(kernels)]
+
     def mine(tokens, gate, up, down, scale):
+        stacks = None if not stacked else ExpertStacks(
+            *(o.at[1].set(k) for o, k in zip(others, (gate, up, down))), layer=jnp.int32(1))
         return block_swiglu(tokens, rows, (gate, up, down), block_expert, scale, c,
-                            None if used is None else jnp.int32(used))
+                            None if used is None else jnp.int32(used), stacks)
 
     loss = lambda f: jax.jit(jax.value_and_grad(lambda *a: (f(*a) * probe).sum(),
                                                 tuple(range(5))))

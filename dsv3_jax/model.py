@@ -197,8 +197,12 @@ class DeepSeekV3(nn.Module):
 
     def _expert_stacks(self):
         """The MoE stack's (gate, up, down) expert kernels [L_moe, …] as stored, for its
-        layers' blocks to read in place (`expert_compute.stacks_pay`), or None (at init)."""
-        if self.is_initializing() or not stacks_pay():
+        layers' blocks to read in place (`expert_compute.stacks_pay`), or None: at init, and
+        when the kernels are stored in another dtype than the products run in (each layer
+        would cast the whole stack)."""
+        c = self.config
+        if (self.is_initializing() or not stacks_pay()
+                or dtype_of(c.param_dtype) != dtype_of(c.dtype)):
             return None
         experts = nn.unbox(self.variables["params"]["moe_layers"]["mlp"]["experts"])
         return tuple(experts[name]["kernel"] for name in ("gate_proj", "up_proj", "down_proj"))

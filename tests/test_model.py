@@ -191,3 +191,37 @@ def test_mtp_inputs_shorter_than_the_mtp_depth():
     np.testing.assert_array_equal(shifted[0][0, 0], table[0])  # past the input: token 0
     out = DeepSeekV3(config).apply(DeepSeekV3(config).init(jax.random.key(0), tokens), tokens)
     assert len(out.mtp_logits) == 2 and out.mtp_logits[1].shape == (1, 1, config.vocab_size)
+
+
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+def test_expert_stacks_read_in_place_equal_each_layers_slice(monkeypatch, layer_loop):
+    """On one CPU device the MoE stack's dropless blocks read their kernels from the whole
+    [L, E, …] stacks at their layer (`expert_compute.ExpertStacks`): the logits and every
+    parameter's gradient equal the same model reading each layer's own slice
+    (`model.stacks_pay` patched off), unrolled (training) and scanned (prefill). Three MoE
+    layers whose weights differ (× 5, so logits are O(1)); 64 tokens take the blocks path. The
+    same products in the same order on both sides: 1e-5 of the largest value (measured 0)."""
+    from dsv3_jax import model as model_lib
+    from dsv3_jax.moe import few_token_path
+
+    c = ModelConfig.preset("tiny", layer_loop=layer_loop, num_nextn_predict_layers=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, c.vocab_size)
+    assert c.num_moe_layers == 3 and few_token_path(tokens.size, c) is None
+    v = nn.unbox(init_variables(c, jax.random.key(0)))
+    v = {**v, "params": jax.tree.map(lambda a: a * 5, v["params"])}
+    probe = jax.random.normal(jax.random.key(2), (*tokens.shape, c.vocab_size))
+
+    def run():
+        loss = lambda p: (DeepSeekV3(c).apply({**v, "params": p}, tokens).logits * probe).sum()
+        logits = jax.jit(lambda p: DeepSeekV3(c).apply({**v, "params": p}, tokens).logits)
+        return logits(v["params"]), jax.jit(jax.grad(loss))(v["params"])
+
+    assert model_lib.stacks_pay()
+    logits, grads = run()
+    monkeypatch.setattr(model_lib, "stacks_pay", lambda: False)
+    logits0, grads0 = run()
+    np.testing.assert_allclose(logits, logits0, rtol=0, atol=1e-5 * float(jnp.abs(logits0).max()))
+    for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads),
+                             jax.tree.leaves(grads0), strict=True):
+        np.testing.assert_allclose(g, g0, rtol=0, atol=1e-5 * float(jnp.abs(g0).max()) + 1e-12,
+                                   err_msg=jax.tree_util.keystr(path))

@@ -2,6 +2,7 @@
 executable's thunks, each mapped to its HLO instruction and classified.
 
     python -m benchmarks.profile_ops [--figure train|prefill|decode] [--config bench] [--top 15]
+                                     [--mtp]
 
 Prints one JSON line per op kind (ms per call, share of the call, thunk count) and then the `--top`
 costliest instructions with their source op names. Kinds: a fusion is `matmul` if it holds a
@@ -9,7 +10,8 @@ dot or convolution, else `gather`, `scatter`, `dynamic-slice` (dynamic-slice or
 dynamic-update-slice), `reduce`, `sort`, `copy/transpose` (only copies, transposes, bitcasts),
 `broadcast` (a broadcast of a constant or a scalar, e.g. zeros), or `elementwise`; an unfused
 instruction is its opcode. Loops and branches (`CONTAINERS`) are not counted: their thunks
-span their bodies', which are.
+span their bodies', which are. The config runs without its MTP modules, as `vs_transformers`
+measures it (`--mtp` keeps them).
 """
 
 from __future__ import annotations
@@ -166,8 +168,12 @@ def main():
     parser.add_argument("--seq_len", type=int, default=256, help="train")
     parser.add_argument("--context", type=int, default=1024, help="prefill, decode")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--mtp", action="store_true",
+                        help="keep the config's MTP modules (vs_transformers drops them)")
     args = parser.parse_args()
     config = bench_config(args.config)
+    if not args.mtp:
+        config = config.replace(num_nextn_predict_layers=0)
     fn, call_args = figure_call(args.figure, config, args.batch, args.seq_len, args.context)
     kinds, top, total = profile(fn, *call_args)
     for kind, (seconds, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):

@@ -129,7 +129,7 @@ class ExpertStacks(NamedTuple):
     gate: jax.Array
     up: jax.Array
     down: jax.Array
-    layer: jax.Array | int = 0
+    layer: jax.Array | int
 
 
 def stacks_pay() -> bool:
@@ -175,20 +175,20 @@ def block_swiglu(tokens: jax.Array, rows: jax.Array, weights: tuple[jax.Array, .
     P, b = scale.shape
     used = jnp.asarray(P if used is None else used, jnp.int32)
     kernels = tuple(w.astype(dtype) for w in weights)
-    source = () if stacks is None else (
-        *(jax.lax.stop_gradient(s).astype(dtype) for s in stacks[:3]),
-        jnp.asarray(stacks.layer, jnp.int32))
+    if stacks is not None:  # read only: the gradients go to `weights`
+        stacks = ExpertStacks(*(jax.lax.stop_gradient(s).astype(dtype)
+                                for s in (stacks.gate, stacks.up, stacks.down)),
+                              jnp.asarray(stacks.layer, jnp.int32))
     return _block_swiglu(tokens.astype(dtype), rows.reshape(P, b), *kernels, block_expert,
-                         scale.astype(jnp.float32), used, source)
+                         scale.astype(jnp.float32), used, stacks)
 
 
-def _reader(gate, up, down, source):
-    """e → expert e's (gate, up, down) kernels: of the layer's own stacks, or of layer
-    source[3] of the whole stacks source[:3] (`block_swiglu`'s `stacks`)."""
-    if not source:
+def _reader(gate, up, down, stacks):
+    """e → expert e's (gate, up, down) kernels: of the layer's own [E, …] kernels, or of layer
+    `stacks.layer` of the whole stacks (`block_swiglu`'s `stacks`)."""
+    if stacks is None:
         return lambda e: (gate[e], up[e], down[e])
-    *stacks, layer = source
-    return lambda e: tuple(s[layer, e] for s in stacks)
+    return lambda e: tuple(s[stacks.layer, e] for s in (stacks.gate, stacks.up, stacks.down))
 
 
 def _silu_parts(g):
@@ -196,13 +196,13 @@ def _silu_parts(g):
     return g * sg, sg
 
 
-def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, source):
+def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, stacks):
     """(y [N, D]: each token's scaled expert outputs summed, (g, u) [P, b, F] float32 of each
     block, 0 past `used`)."""
     dtype = tokens.dtype
     P, b = rows.shape
     F = gate.shape[2]
-    kernels = _reader(gate, up, down, source)
+    kernels = _reader(gate, up, down, stacks)
 
     def block(y, p):
         def run(y):
@@ -221,21 +221,21 @@ def _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, sour
 
 
 @jax.custom_vjp
-def _block_swiglu(tokens, rows, gate, up, down, block_expert, scale, used, source):
-    return _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, source)[0]
+def _block_swiglu(tokens, rows, gate, up, down, block_expert, scale, used, stacks):
+    return _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, stacks)[0]
 
 
-def _block_swiglu_fwd(tokens, rows, gate, up, down, block_expert, scale, used, source):
-    y, g, u = _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, source)
-    # with a source, gate/up/down are kept for their shapes only (XLA drops the unread copies)
-    return y, (tokens, rows, gate, up, down, block_expert, scale, used, source, g, u)
+def _block_swiglu_fwd(tokens, rows, gate, up, down, block_expert, scale, used, stacks):
+    y, g, u = _block_forward(tokens, rows, gate, up, down, block_expert, scale, used, stacks)
+    # with stacks, gate/up/down are kept for their shapes only (XLA drops the unread copies)
+    return y, (tokens, rows, gate, up, down, block_expert, scale, used, stacks, g, u)
 
 
 def _block_swiglu_bwd(residuals, dy):
-    tokens, rows, gate, up, down, block_expert, scale, used, source, g_all, u_all = residuals
+    tokens, rows, gate, up, down, block_expert, scale, used, stacks, g_all, u_all = residuals
     dtype = tokens.dtype
     P, b = rows.shape
-    kernels = _reader(gate, up, down, source)
+    kernels = _reader(gate, up, down, stacks)
 
     def block(p, grads):
         dtokens, dgate, dup, ddown = grads
@@ -255,10 +255,10 @@ def _block_swiglu_bwd(residuals, dy):
     (dtokens, dgate, dup, ddown), dscale = jax.lax.scan(
         maybe, (zeros(tokens), zeros(gate), zeros(up), zeros(down)), jnp.arange(P))
     # the stacks are read under stop_gradient: no cotangent (None: a symbolic zero)
-    source_cotangent = () if not source else (None, None, None, _float0(source[3]))
+    dstacks = None if stacks is None else ExpertStacks(None, None, None, _float0(stacks.layer))
     return (dtokens.astype(dtype), _float0(rows), dgate.astype(gate.dtype),
             dup.astype(up.dtype), ddown.astype(down.dtype), _float0(block_expert), dscale,
-            _float0(used), source_cotangent)
+            _float0(used), dstacks)
 
 
 def _float0(a):

@@ -1,5 +1,6 @@
 """Shared benchmark helpers: the bench config, timing of jitted functions, JSON-line reports."""
 
+import argparse
 import json
 import os
 import time
@@ -33,6 +34,29 @@ def bench_config(name: str, **overrides) -> ModelConfig:
             return ModelConfig.from_hf(fields).replace(**overrides)
         return ModelConfig(**{**fields, **overrides})
     return ModelConfig.preset(name, **overrides)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of tokens, steps, layers, repeats)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def parse_config(parser: argparse.ArgumentParser, flag: str, name: str,
+                 **overrides) -> ModelConfig:
+    """`bench_config(name, **overrides)`, or the parser's one-line error (exit status 2) naming
+    `flag` and what is wrong: an unknown preset (and the allowed ones), unreadable or invalid
+    JSON, a field ModelConfig lacks, a field value it rejects."""
+    try:
+        return bench_config(name, **overrides)
+    except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        lines = str(e).strip().splitlines()
+        parser.error(f"{flag} {name}: {lines[0] if lines else type(e).__name__}")
 
 
 def median_seconds(fn, repeats: int = 5, setup=lambda: ()) -> float:

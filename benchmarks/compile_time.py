@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import report
+from benchmarks.common import positive_int, report
 from dsv3_jax import DeepSeekV3, ModelConfig, init_variables
 
 
@@ -34,7 +34,7 @@ def compile_seconds(config: ModelConfig) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[4, 16])
     args = parser.parse_args()
     results = {n: compile_seconds(ModelConfig.preset("tiny", num_hidden_layers=n))
                for n in args.layers}

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import report, seconds_per_call
-from dsv3_jax import ModelConfig, kv_cache_bytes
+from benchmarks.common import parse_config, positive_int, report, seconds_per_call
+from dsv3_jax import kv_cache_bytes
 from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.rope import softmax_scale
 
@@ -24,10 +24,10 @@ from dsv3_jax.rope import softmax_scale
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="deepseek-v3-671b")
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=positive_int, default=2048)
+    parser.add_argument("--batch", type=positive_int, default=1)
     args = parser.parse_args()
-    c = ModelConfig.preset(args.preset, dtype="float32", param_dtype="float32")
+    c = parse_config(parser, "--preset", args.preset, dtype="float32", param_dtype="float32")
     B, S = args.batch, args.context
     mla = MLA(c)
     x1 = jax.random.normal(jax.random.key(0), (B, 1, c.hidden_size))

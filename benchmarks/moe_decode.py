@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import bench_config, report, seconds_per_call
+from benchmarks.common import parse_config, positive_int, report, seconds_per_call
 from dsv3_jax import DeepSeekV3, moe
 from dsv3_jax.model import init_cache
 
@@ -25,10 +25,10 @@ from dsv3_jax.model import init_cache
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="bench")
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=positive_int, default=1024)
+    parser.add_argument("--batch", type=positive_int, default=1)
     args = parser.parse_args()
-    c = bench_config(args.preset)
+    c = parse_config(parser, "--preset", args.preset)
     net = DeepSeekV3(c)
     variables = jax.device_put(nn.unbox(net.init(jax.random.key(0),
                                                  jnp.zeros((1, 8), jnp.int32))))

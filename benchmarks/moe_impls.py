@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import report, seconds_per_call
+from benchmarks.common import parse_config, positive_int, report, seconds_per_call
 from dsv3_jax import ModelConfig
 from dsv3_jax.moe import MoE
 from dsv3_jax.training import run_config, state, step
@@ -83,15 +83,16 @@ def _report(name, preset, times, results, **sizes):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq_len", type=positive_int, default=512)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--dry_run", action="store_true",
                         help="tiny preset, 256 tokens, batch 2 x 16, one repeat")
     args = parser.parse_args()
     if args.dry_run:
         args.preset, args.tokens, args.batch, args.seq_len, args.repeats = "tiny", 256, 2, 16, 1
+    parse_config(parser, "--preset", args.preset)  # a bad name: one line, before any work
     layer_figure(args.preset, args.tokens, args.repeats)
     train_step_figure(args.preset, args.batch, args.seq_len, args.repeats)
 

@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import report, seconds_per_call
-from dsv3_jax import ModelConfig
+from benchmarks.common import parse_config, positive_int, report, seconds_per_call
 from dsv3_jax.layers import SwiGLU
 from dsv3_jax.moe import MoE
 
@@ -22,10 +21,12 @@ from dsv3_jax.moe import MoE
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=positive_int, default=4096)
     parser.add_argument("--capacity_factor", type=float, default=None)
     args = parser.parse_args()
-    c = ModelConfig.preset(args.preset, capacity_factor=args.capacity_factor)
+    if args.tokens % 512:
+        parser.error(f"--tokens {args.tokens}: must be a multiple of 512 (sequences of 512)")
+    c = parse_config(parser, "--preset", args.preset, capacity_factor=args.capacity_factor)
     x = jax.random.normal(jax.random.key(0), (args.tokens // 512, 512, c.hidden_size))
     bias = jnp.zeros((c.n_routed_experts,))
     moe = MoE(c)

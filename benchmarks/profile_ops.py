@@ -27,7 +27,7 @@ import tempfile
 import flax.linen as nn
 import jax
 
-from benchmarks.common import bench_config, report
+from benchmarks.common import parse_config, positive_int, report
 from dsv3_jax import DeepSeekV3, unstacked
 from dsv3_jax.model import init_cache, init_variables
 from dsv3_jax.training.step import cross_entropy
@@ -164,14 +164,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--figure", default="train", choices=("train", "prefill", "decode"))
     parser.add_argument("--config", default="bench")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=256, help="train")
-    parser.add_argument("--context", type=int, default=1024, help="prefill, decode")
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq_len", type=positive_int, default=256, help="train")
+    parser.add_argument("--context", type=positive_int, default=1024, help="prefill, decode")
+    parser.add_argument("--top", type=positive_int, default=15)
     parser.add_argument("--mtp", action="store_true",
                         help="keep the config's MTP modules (vs_transformers drops them)")
     args = parser.parse_args()
-    config = bench_config(args.config)
+    config = parse_config(parser, "--config", args.config)
     if not args.mtp:
         config = config.replace(num_nextn_predict_layers=0)
     fn, call_args = figure_call(args.figure, config, args.batch, args.seq_len, args.context)

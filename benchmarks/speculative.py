@@ -25,8 +25,8 @@ import argparse
 import jax
 import numpy as np
 
-from benchmarks.common import report, seconds_per_call
-from dsv3_jax import ModelConfig, generate, init_variables
+from benchmarks.common import parse_config, positive_int, report, seconds_per_call
+from dsv3_jax import generate, init_variables
 from dsv3_jax.sample import load  # the sampling entry point's checkpoint restore
 
 
@@ -35,18 +35,18 @@ def main():
     parser.add_argument("--workdir", default=None, help="a train.py workdir")
     parser.add_argument("--preset", default="tiny", help="model without --workdir")
     parser.add_argument("--prompt", default="import os\n\n\ndef main():\n")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--draft_tokens", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--max_new_tokens", type=positive_int, default=256)
+    parser.add_argument("--draft_tokens", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     if args.workdir:
         config, variables, tokenizer, step = load(args.workdir)
         prompt = np.asarray(tokenizer.encode(args.prompt), np.int32)[None]
         weights, model = f"{args.workdir} step {step}", "workdir"
     else:
-        config = ModelConfig.preset(args.preset)
+        config = parse_config(parser, "--preset", args.preset)
         variables = init_variables(config, jax.random.key(0))
         prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)[None] % \
             config.vocab_size

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import bench_config, median_seconds, report
+from benchmarks.common import median_seconds, parse_config, positive_int, report
 from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint, unstacked
 from dsv3_jax.accounting import decode_step_bytes, flops_per_token
 from dsv3_jax.config import NON_HF_FIELDS
@@ -148,19 +148,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="bench")
     parser.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES)
-    parser.add_argument("--batch", type=int, default=8, help="train batch")
-    parser.add_argument("--seq_len", type=int, default=256, help="train sequence length")
-    parser.add_argument("--context", type=int, default=1024, help="prefill / decode prompt")
-    parser.add_argument("--decode_batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
-    parser.add_argument("--new_tokens", type=int, default=64, help="generate")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=8, help="train batch")
+    parser.add_argument("--seq_len", type=positive_int, default=256, help="train sequence length")
+    parser.add_argument("--context", type=positive_int, default=1024,
+                        help="prefill / decode prompt")
+    parser.add_argument("--decode_batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=positive_int, default=16,
+                        help="decode steps per measurement")
+    parser.add_argument("--new_tokens", type=positive_int, default=64, help="generate")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
 
+    if args.seq_len < 2 and "train" in args.figures:
+        parser.error(f"--seq_len {args.seq_len}: the train figure predicts each next token of a "
+                     "sequence; it needs at least 2")
+    # transformers runs no MTP
+    config = parse_config(parser, "--config", args.config, num_nextn_predict_layers=0)
     import torch
     import transformers
 
-    config = bench_config(args.config, num_nextn_predict_layers=0)  # transformers runs no MTP
     if args.context + max(args.steps, args.new_tokens) + 1 > config.max_position_embeddings:
         parser.error(f"--context {args.context} + steps/new tokens exceed the config's "
                      f"max_position_embeddings={config.max_position_embeddings}")

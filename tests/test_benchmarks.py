@@ -130,3 +130,26 @@ def test_accelerator_script_refuses_a_cpu_without_dry_run():
     r = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 2 and "no TPU or GPU attached" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("vs_transformers", ["--config", "nosuch"],
+     "--config nosuch: unknown preset 'nosuch'; allowed: ['deepseek-v3-671b', 'small', 'tiny']"),
+    ("vs_transformers", ["--config", '{"hidden_size": 0}'],
+     "--config {\"hidden_size\": 0}: ModelConfig.hidden_size=0 is invalid"),
+    ("vs_transformers", ["--decode_batch", "1", "0"],
+     "argument --decode_batch: 0 is not a positive integer"),
+    ("vs_transformers", ["--seq_len", "1"], "--seq_len 1: the train figure predicts"),
+    ("profile_ops", ["--config", "{bad"], "--config {bad: Expecting property name"),
+    ("moe_vs_dense", ["--tokens", "100"], "--tokens 100: must be a multiple of 512"),
+    ("compile_time", ["--layers", "x"], "argument --layers: 'x' is not an integer"),
+])
+def test_bad_arguments_are_one_error_line(name, args, message):
+    """A bad count, config or preset: argparse's usage and one `PROG: error: …` line naming the
+    argument and what is allowed, status 2, before any model is built (no traceback)."""
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{name}.py: error: {message}"), r.stderr[-2000:]

@@ -141,6 +141,7 @@ def main(argv):
             placed = place_train_step(model, config, mesh)  # optimizer, shardings, step
         except ValueError as e:
             raise run_config.ConfigError(f"config.mesh: {e}") from None
+        run_config.check_state_fits(placed.abstract_state, jax.local_devices()[0])
         # "bpe:N": trained here on the training split, or the workdir's from a previous start.
         documents = data.read_documents(config.data)
         t_tokenizer = time.perf_counter()

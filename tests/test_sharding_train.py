@@ -167,3 +167,23 @@ def test_two_processes_match_one(tmp_path, eight_device_run):
     for i, out in enumerate(two.stdout):
         assert "[Gloo]" not in out, (i, out[-3000:])
         assert "done: 3 steps" in out or i > 0, (i, out[-3000:])  # stdout itself still flows
+
+
+def test_state_fits_counts_each_devices_shard():
+    """check_state_fits: the state and one set of gradients per device, each leaf by its shard
+    (fsdp=8 holds an eighth of each split leaf), against the device's limit; a limit between
+    the sharded and the whole figure passes the sharded state and rejects the replicated one."""
+    config = run_config.base_config("tiny")
+    model = run_config.model_config(config)
+    whole = place_train_step(model, config, mesh_lib.make_mesh(dict(data=8))).abstract_state
+    config.mesh.update(dict(fsdp=8))
+    split = place_train_step(model, config, mesh_lib.make_mesh(dict(fsdp=8))).abstract_state
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    need = nbytes(whole) + nbytes(whole.params)  # replicated: every device holds it all
+    device = jax.devices()[0]
+    run_config.check_state_fits(whole, device, limit=need)  # exactly fits
+    with pytest.raises(run_config.ConfigError, match=r"need [0-9.]+ GiB per device"):
+        run_config.check_state_fits(whole, device, limit=need - 1)
+    run_config.check_state_fits(split, device, limit=need // 4)  # ~1/8 of it per device
+    with pytest.raises(run_config.ConfigError):
+        run_config.check_state_fits(split, device, limit=need // 16)

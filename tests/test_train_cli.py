@@ -451,6 +451,9 @@ BAD_INPUT = {  # case: (arguments, what the one line says, arguments replace ARG
     "different_tokenizer": (["--config.data.tokenizer=bpe:300"],
                             "was trained with data.tokenizer='byte', not 'bpe:300'"),
     "different_model": (["--config.model.hidden_size=128"], "different model"),
+    # ~2 TB of state and gradients: more than any machine's memory, caught before allocation
+    "model_too_big": (["--config.model.vocab_size=1000000000"],
+                      "the train state and its gradients need "),
     "pipeline_schedule": (["--cpu_devices=2", "--config.mesh.pipe=2",
                            "--config.pipeline.schedule=dualpipe",
                            "--config.pipeline.microbatches=2"],

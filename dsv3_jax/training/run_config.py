@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
@@ -180,6 +181,51 @@ def check_same_tokenizer(config: ml_collections.ConfigDict, workdir: str,
             raise ConfigError(f"workdir {workdir!r} was trained with data.{name}="
                               f"{saved.data.get(name)!r}, not {config.data[name]!r}; use that "
                               "or a new --workdir")
+
+
+def device_memory_bytes(device) -> int | None:
+    """What one device may hold: its allocator's limit (TPU, GPU), or for CPU devices (emulated
+    ones share the host) the host's physical memory over the local CPU devices; None unknown."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+        return ram // max(1, len([d for d in device.client.local_devices()
+                                  if d.platform == "cpu"]))
+    return None
+
+
+def check_state_fits(abstract_state, device, limit: int | None = None) -> None:
+    """The sharded train state and one set of gradients fit in one device's memory (`limit`,
+    default `device_memory_bytes`); ConfigError otherwise, before anything is allocated (a
+    too-large model or vocabulary fails here, not as an allocator error inside the first step).
+    `abstract_state` is a TrainState of ShapeDtypeStructs carrying their shardings; a leaf's
+    bytes per device are those of its shard. Activations come on top: passing is necessary,
+    not sufficient."""
+    limit = device_memory_bytes(device) if limit is None else limit
+    if limit is None:
+        return
+
+    def per_device(tree) -> int:
+        def shard(leaf):  # a leaf without a sharding is whole on every device
+            sharding = getattr(leaf, "sharding", None)
+            return leaf.shape if sharding is None else sharding.shard_shape(leaf.shape)
+
+        return sum(math.prod(shard(leaf)) * leaf.dtype.itemsize
+                   for leaf in jax.tree.leaves(tree))
+
+    need = per_device(abstract_state) + per_device(abstract_state.params)  # + gradients
+    if need > limit:
+        gib = 2 ** 30
+        raise ConfigError(
+            f"the train state and its gradients need {need / gib:.1f} GiB per device, more "
+            f"than the {limit / gib:.1f} GiB a {device.platform} device has here: use a smaller "
+            "config.model (layers, vocab_size, data.tokenizer bpe:N), or split the state over "
+            "more devices (config.mesh.fsdp, expert, tensor)")
 
 
 def check_mesh(config: ml_collections.ConfigDict, num_devices: int,

@@ -164,8 +164,12 @@ def main():
                      "sequence; it needs at least 2")
     # transformers runs no MTP
     config = parse_config(parser, "--config", args.config, num_nextn_predict_layers=0)
-    import torch
-    import transformers
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        parser.error(f"the transformers side needs torch and transformers ({e.name} is not "
+                     "installed): pip install -e \".[reference]\"")
 
     if args.context + max(args.steps, args.new_tokens) + 1 > config.max_position_embeddings:
         parser.error(f"--context {args.context} + steps/new tokens exceed the config's "

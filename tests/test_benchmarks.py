@@ -153,3 +153,24 @@ def test_bad_arguments_are_one_error_line(name, args, message):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{name}.py: error: {message}"), r.stderr[-2000:]
+
+
+def test_vs_transformers_without_torch_says_what_to_install():
+    """Without the `reference` extra: one error line naming the missing package and the install
+    command (torch hidden from the import system in a subprocess)."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "sys.argv = ['vs_transformers.py', '--config', 'tiny']\n"
+        "import runpy\n"
+        "runpy.run_module('benchmarks.vs_transformers', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "vs_transformers.py: error: the transformers side needs torch and transformers (torch is "
+        "not installed): pip install -e \".[reference]\""), r.stderr[-2000:]

@@ -8,6 +8,7 @@ import time
 import jax
 
 from dsv3_jax import ModelConfig
+from dsv3_jax.cli import first_line
 
 # Issue 10's benchmark config: vocab 512, hidden 256, 6 layers (first dense), 8 heads, 16 routed
 # experts top-4 + 1 shared in 4 groups (top-2), expert blocks of 64, no YaRN, no MTP.
@@ -55,8 +56,7 @@ def parse_config(parser: argparse.ArgumentParser, flag: str, name: str,
     try:
         return bench_config(name, **overrides)
     except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
-        lines = str(e).strip().splitlines()
-        parser.error(f"{flag} {name}: {lines[0] if lines else type(e).__name__}")
+        parser.error(f"{flag} {name}: {first_line(e)}")
 
 
 def median_seconds(fn, repeats: int = 5, setup=lambda: ()) -> float:

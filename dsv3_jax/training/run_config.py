@@ -194,8 +194,7 @@ def device_memory_bytes(device) -> int | None:
             ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             return None
-        return ram // max(1, len([d for d in device.client.local_devices()
-                                  if d.platform == "cpu"]))
+        return ram // len(jax.local_devices(backend="cpu"))
     return None
 
 

@@ -3,22 +3,28 @@
 `ModelConfig.moe_impl` names the computation (dimension key as in `dsv3_jax/moe.py`; M rows
 sorted by expert, M = N·K here):
   * "blocks": dropless; assignments sorted by expert into padded blocks, each block plain
-    matmuls on its expert's kernels (`block_swiglu`, via `moe.slotted_experts`). Fast on XLA:CPU.
-  * "ragged": dropless; assignments sorted by expert, then `jax.lax.ragged_dot` with the
-    per-expert group sizes for each SwiGLU GEMM (`ragged_swiglu`): megablox on TPU, a grouped
-    GEMM on GPU, no padding. On XLA:CPU it costs as much as every expert densely.
+    matmuls on its expert's kernels (`block_swiglu`, via `moe.slotted_experts`). XLA:CPU's
+    best without the CPU kernel; the FP8 recipes' path.
+  * "ragged": dropless; assignments sorted by expert (gathers both ways: `sort_rows`), then a
+    grouped GEMM with the per-expert group sizes for each SwiGLU projection
+    (`ragged_swiglu`), no padding: `jax.lax.ragged_dot` (megablox on TPU, a grouped GEMM on
+    GPU), or on one CPU device in float32 the FFI kernel of `dsv3_jax/grouped_gemm.py`
+    (OpenBLAS per group, kernels read in place). XLA:CPU's own `ragged_dot` costs as much as
+    every expert densely.
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
-  * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode),
-    else "ragged" on TPU and GPU and "blocks" on CPU and under an FP8 recipe (ragged_dot has
-    none). The platform is that of the mesh being traced under (`jax.set_mesh`, e.g. a
-    described TPU slice for an AOT compile), else JAX's default backend. Each resolution is
-    logged once.
+  * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode);
+    "blocks" under an FP8 recipe (ragged_dot has none); else "ragged" on TPU and GPU, and on
+    a CPU where the grouped-GEMM kernel runs (`cpu_kernel_runs`: float32, one device, the
+    kernel built), "blocks" on other CPU setups. The platform is that of the mesh being
+    traced under (`jax.set_mesh`, e.g. a described TPU slice for an AOT compile), else
+    JAX's default backend. Each resolution is logged once.
 A few tokens (`moe.few_token_path`) may instead run each expert they chose once over all of
 them (`chosen_swiglu`), whatever the implementation.
 
-The ragged path calls `jax.lax.ragged_dot` directly, not `layers.project`: its operands and
-outputs are in the compute dtype (the kernels accumulate in fp32), and no precision recipe
-applies (config validation refuses moe_impl="ragged" with an FP8 recipe).
+The ragged path calls `jax.lax.ragged_dot` (or the CPU kernel) directly, not
+`layers.project`: its operands and outputs are in the compute dtype (the kernels accumulate in
+fp32), and no precision recipe applies (config validation refuses moe_impl="ragged" with an
+FP8 recipe).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import grouped_gemm
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Weight, dtype_of
 
@@ -52,7 +59,9 @@ def resolve_moe_impl(config: ModelConfig) -> str:
     where = platform()
     if config.capacity_factor is not None:
         choice = "capacity"
-    elif where in _ACCELERATORS and config.fp8 == "none":
+    elif config.fp8 != "none":
+        choice = "blocks"
+    elif where in _ACCELERATORS or (where == "cpu" and cpu_kernel_runs(config)):
         choice = "ragged"
     else:
         choice = "blocks"
@@ -61,6 +70,16 @@ def resolve_moe_impl(config: ModelConfig) -> str:
         logging.getLogger(__name__).info("moe_impl='auto' runs the routed experts as %r on %s",
                                          choice, where)
     return choice
+
+
+def cpu_kernel_runs(config: ModelConfig) -> bool:
+    """Whether the ragged path's grouped GEMMs run as the CPU kernel (`grouped_gemm`) when
+    traced here: float32 products, one device (no multi-device mesh, not inside shard_map),
+    the kernel built. Elsewhere on a CPU they would be `ragged_dot`, which XLA:CPU runs as
+    every expert on every row."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (dtype_of(config.dtype) == jnp.float32 and (mesh.empty or mesh.size == 1)
+            and not mesh.manual_axes and grouped_gemm.available())
 
 
 def sort_by_expert(experts: jax.Array, num_experts: int,
@@ -80,7 +99,8 @@ def sort_by_expert(experts: jax.Array, num_experts: int,
 
 
 def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight, ...],
-                  config: ModelConfig) -> jax.Array:
+                  config: ModelConfig, scale: jax.Array | None = None,
+                  stacks: ExpertStacks | None = None) -> jax.Array:
     """Rows sorted by expert through their experts' SwiGLU, as grouped GEMMs.
 
     Args:
@@ -88,11 +108,26 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
         rows past sum(group_sizes) come out zero.
       group_sizes: [E] int32.
       weights: (gate [E, D, F], up [E, D, F], down [E, F, D]).
+      scale: [M] multiplies each row's hidden units before the down projection (its routing
+        weight), or None.
+      stacks: the same kernels as a layer of [L, …] stacks, read in place by the CPU kernel
+        (`grouped_gemm`; elsewhere ignored).
     Returns:
       [M, D] in the compute dtype.
     """
     dtype = dtype_of(config.dtype)
     gate, up, down = (w.kernel.astype(dtype) for w in weights)
+    hidden = (lambda h: h) if scale is None else (
+        lambda h: (h * scale[:, None].astype(h.dtype)).astype(dtype))
+    if grouped_gemm.usable(rows.astype(dtype), gate):  # XLA:CPU: one FFI call per GEMM
+        stack = (None, None, None) if stacks is None else (stacks.gate, stacks.up, stacks.down)
+        layer = 0 if stacks is None else stacks.layer
+
+        def mm(x, w, s):
+            return grouped_gemm.ragged_matmul(x, w, group_sizes, stack=s, layer=layer)
+
+        h = jax.nn.silu(mm(rows, gate, stack[0])) * mm(rows, up, stack[1])
+        return mm(hidden(h), down, stack[2])
 
     def gemm(x, w):
         # Out in the compute dtype (accumulated in fp32 by the kernels): an fp32 out would give
@@ -104,17 +139,50 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
         return jax.lax.ragged_dot(x.astype(dtype), w, group_sizes, precision=precision,
                                   preferred_element_type=dtype)
 
-    return gemm(jax.nn.silu(gemm(rows, gate)) * gemm(rows, up), down)
+    return gemm(hidden(jax.nn.silu(gemm(rows, gate)) * gemm(rows, up)), down)
 
 
-def ragged_experts(tokens: jax.Array, experts: jax.Array, weights: tuple[Weight, ...],
-                   config: ModelConfig) -> jax.Array:
-    """[N, D] tokens through their K experts [N, K] by sorting and grouped GEMMs: [N, K, D]."""
+def ragged_experts(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Array,
+                   weights: tuple[Weight, ...], config: ModelConfig,
+                   stacks: ExpertStacks | None = None) -> jax.Array:
+    """[N, D] tokens through their K experts [N, K] by sorting and grouped GEMMs, each
+    assignment's hidden units scaled by its routing weight ([N, K]): the weighted sum [N, D]
+    (fp32). The rows are sorted and summed back by gathers only (`sort_rows`)."""
     N, K = experts.shape
     order, sizes = sort_by_expert(experts.reshape(-1), config.n_routed_experts)
-    y_sorted = ragged_swiglu(jnp.take(tokens, order // K, axis=0), sizes, weights, config)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
-    return y.reshape(N, K, -1)
+    slot = jnp.zeros(N * K, jnp.int32).at[order].set(jnp.arange(N * K, dtype=jnp.int32))
+    slot = slot.reshape(N, K)
+    scale = jnp.take(routing_weights.reshape(-1).astype(jnp.float32), order)
+    y_sorted = ragged_swiglu(sort_rows(tokens, order, slot), sizes, weights, config, scale,
+                             stacks)
+    return unsort_rows(y_sorted.astype(jnp.float32), order, slot)
+
+
+@jax.custom_vjp
+def sort_rows(x: jax.Array, order: jax.Array, slot: jax.Array) -> jax.Array:
+    """x [N, D] → [N·K, D]: row m is x[order[m] // K], the sorted assignments' tokens
+    (order [N·K] a permutation of the assignments, slot [N, K] its inverse). The gradient is
+    `unsort_rows`: a gather and a sum over K, where `jnp.take`'s is a scatter-add (element by
+    element on XLA:CPU)."""
+    return jnp.take(x, order // slot.shape[1], axis=0)
+
+
+@jax.custom_vjp
+def unsort_rows(y: jax.Array, order: jax.Array, slot: jax.Array) -> jax.Array:
+    """y [N·K, D] in sorted order → [N, D]: each token's K rows summed (the transpose of
+    `sort_rows`, whose gather is its gradient)."""
+    N, K = slot.shape
+    return jnp.take(y, slot.reshape(-1), axis=0).reshape(N, K, -1).sum(1)
+
+
+def _no_index_grads(order, slot):
+    return _float0(order), _float0(slot)
+
+
+sort_rows.defvjp(lambda x, order, slot: (sort_rows(x, order, slot), (order, slot)),
+                 lambda res, d: (unsort_rows(d, *res), *_no_index_grads(*res)))
+unsort_rows.defvjp(lambda y, order, slot: (unsort_rows(y, order, slot), (order, slot)),
+                   lambda res, d: (sort_rows(d, *res), *_no_index_grads(*res)))
 
 
 def _dot(a, w):

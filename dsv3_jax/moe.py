@@ -11,15 +11,17 @@ Routing, per token (REFERENCE §3), all in fp32:
 
 Expert compute (dimension key: N tokens, K experts per token, E experts, D model, F expert
 hidden, P token blocks, b block size, C per-expert capacity), chosen by `moe_impl`
-(`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU, blocks on CPU):
+(`dsv3_jax/expert_compute.py`; "auto": ragged on TPU/GPU and through the CPU grouped-GEMM
+kernel on one CPU device in float32, blocks otherwise):
   * blocks (dropless): assignments sorted by expert, each expert's run padded to a multiple of
     `expert_block_size` (one block at a time: halved while it exceeds N·K/E, `block_rows`),
     then each block's projections plain matmuls on its expert's kernels as stored
     (`expert_compute.block_swiglu`: one loop over the filled blocks; under an FP8 recipe or
     inside shard_map, one batched matmul over gathered kernels) — cost ∝ N·K + E·b,
     nothing dropped, no `ragged_dot` (slow on XLA:CPU).
-  * ragged (dropless): assignments sorted by expert through `jax.lax.ragged_dot` grouped GEMMs
-    with the per-expert counts as group sizes (`expert_compute.ragged_swiglu`): no padding.
+  * ragged (dropless): assignments sorted by expert through grouped GEMMs with the per-expert
+    counts as group sizes (`expert_compute.ragged_swiglu`: `jax.lax.ragged_dot`, or on a CPU
+    `dsv3_jax/grouped_gemm.py`'s kernel reading the stacks in place): no padding.
   * few tokens (`few_token_path`, e.g. a decode step or a speculative verify): "sliced", one
     token's K kernels sliced out; "chosen", one pass per expert the tokens chose, over all of
     them (`expert_compute.chosen_swiglu`: cost ∝ the chosen experts' matrices); or "dense",
@@ -495,7 +497,8 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
     if few == "sliced":
         y_assign = sliced_swiglu(tokens, routing.experts, experts.weights(), c)
     elif impl == "ragged":
-        y_assign = ragged_experts(tokens, routing.experts, experts.weights(), c)
+        return ragged_experts(tokens, routing.experts, routing.weights, experts.weights(), c,
+                              stacks)
     elif impl == "blocks":
         return slotted_experts(tokens, routing, experts.weights(), c, stacks=stacks)
     else:

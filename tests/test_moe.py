@@ -255,16 +255,31 @@ def test_ragged_equals_blocks_outputs_and_gradients(preset, tokens, skewed):
                                    atol=1e-5 * float(np.abs(np.asarray(b)).max()))
 
 
-def test_moe_impl_choice_and_errors(caplog):
-    """auto: capacity when capacity_factor is set, else blocks on this CPU (logged once);
-    explicit choices stand; contradictions and unknown names are refused by name."""
-    from dsv3_jax import expert_compute
+def test_moe_impl_choice_and_errors(caplog, monkeypatch):
+    """auto: capacity when capacity_factor is set; on this CPU ragged (the grouped-GEMM kernel)
+    for float32 on one device, else blocks: bf16 products, an FP8 recipe, a multi-device mesh,
+    inside shard_map, or no kernel built (logged once per choice); explicit choices stand;
+    contradictions and unknown names are refused by name."""
+    from dsv3_jax import expert_compute, grouped_gemm
+    resolve = expert_compute.resolve_moe_impl
     expert_compute._logged.clear()
     with caplog.at_level("INFO", logger="dsv3_jax.expert_compute"):
-        assert expert_compute.resolve_moe_impl(ModelConfig.preset("tiny")) == "blocks"
-        assert expert_compute.resolve_moe_impl(ModelConfig.preset("tiny")) == "blocks"
+        assert resolve(ModelConfig.preset("tiny")) == "ragged"
+        assert resolve(ModelConfig.preset("tiny")) == "ragged"
+        assert resolve(ModelConfig.preset("tiny", dtype="bfloat16")) == "blocks"
     assert [r.getMessage() for r in caplog.records] == [
+        "moe_impl='auto' runs the routed experts as 'ragged' on cpu",
         "moe_impl='auto' runs the routed experts as 'blocks' on cpu"]
+    assert resolve(ModelConfig.preset("tiny", fp8="delayed")) == "blocks"
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        assert resolve(ModelConfig.preset("tiny")) == "blocks"
+    one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                        devices=jax.devices()[:1])
+    with jax.set_mesh(one):
+        assert resolve(ModelConfig.preset("tiny")) == "ragged"
+    monkeypatch.setattr(grouped_gemm, "available", lambda: False)
+    assert resolve(ModelConfig.preset("tiny")) == "blocks"
     assert expert_compute.resolve_moe_impl(
         ModelConfig.preset("tiny", capacity_factor=1.25)) == "capacity"
     assert expert_compute.resolve_moe_impl(ModelConfig.preset("tiny", moe_impl="ragged")) \

@@ -12,11 +12,16 @@ when `dsv3_jax` is imported, limits JAX to the CPU when nothing else could be us
 
 A TPU or GPU host is left untouched and keeps using its accelerator; `JAX_PLATFORMS=…` always
 wins. AOT compiles do not need the TPU backend: they load libtpu for a topology description.
+
+`platform()` names the platform code is being traced for (a described TPU slice's under its
+mesh), which picks the MoE's implementation and the CPU-only kernels.
 """
 
 from __future__ import annotations
 
 import os
+
+import jax
 
 
 def _accelerator_present() -> bool:
@@ -30,7 +35,6 @@ def _accelerator_present() -> bool:
 def skip_absent_tpu() -> bool:
     """Sets `jax_platforms` to "cpu" on a machine with no accelerator (see the module
     docstring). Returns True when it did."""
-    import jax
     from jax._src import xla_bridge
 
     if ("JAX_PLATFORMS" in os.environ or jax.config.jax_platforms is not None
@@ -38,3 +42,10 @@ def skip_absent_tpu() -> bool:
         return False
     jax.config.update("jax_platforms", "cpu")
     return True
+
+
+def platform() -> str:
+    """The platform code is traced for: the current mesh's devices, else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()

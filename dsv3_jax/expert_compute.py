@@ -14,8 +14,8 @@ sorted by expert, M = N·K here):
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
   * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode);
     "blocks" under an FP8 recipe (ragged_dot has none); else "ragged" on TPU and GPU, and on
-    a CPU where the grouped-GEMM kernel runs (`cpu_kernel_runs`: float32, one device, the
-    kernel built), "blocks" on other CPU setups. The platform is that of the mesh being
+    a CPU where the grouped-GEMM kernel runs (`grouped_gemm.runs_here`: float32, one device,
+    the kernel built), "blocks" on other CPU setups. The platform is that of the mesh being
     traced under (`jax.set_mesh`, e.g. a described TPU slice for an AOT compile), else
     JAX's default backend. Each resolution is logged once.
 A few tokens (`moe.few_token_path`) may instead run each expert they chose once over all of
@@ -37,18 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import grouped_gemm
+from dsv3_jax.backends import platform
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Weight, dtype_of
 
 _ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
 _logged: set[tuple[str, str]] = set()
-
-
-def platform() -> str:
-    """The platform code is traced for: the current mesh's devices, else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve_moe_impl(config: ModelConfig) -> str:
@@ -61,7 +55,7 @@ def resolve_moe_impl(config: ModelConfig) -> str:
         choice = "capacity"
     elif config.fp8 != "none":
         choice = "blocks"
-    elif where in _ACCELERATORS or (where == "cpu" and cpu_kernel_runs(config)):
+    elif where in _ACCELERATORS or grouped_gemm.runs_here(dtype_of(config.dtype)):
         choice = "ragged"
     else:
         choice = "blocks"
@@ -70,16 +64,6 @@ def resolve_moe_impl(config: ModelConfig) -> str:
         logging.getLogger(__name__).info("moe_impl='auto' runs the routed experts as %r on %s",
                                          choice, where)
     return choice
-
-
-def cpu_kernel_runs(config: ModelConfig) -> bool:
-    """Whether the ragged path's grouped GEMMs run as the CPU kernel (`grouped_gemm`) when
-    traced here: float32 products, one device (no multi-device mesh, not inside shard_map),
-    the kernel built. Elsewhere on a CPU they would be `ragged_dot`, which XLA:CPU runs as
-    every expert on every row."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return (dtype_of(config.dtype) == jnp.float32 and (mesh.empty or mesh.size == 1)
-            and not mesh.manual_axes and grouped_gemm.available())
 
 
 def sort_by_expert(experts: jax.Array, num_experts: int,
@@ -119,7 +103,7 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
     gate, up, down = (w.kernel.astype(dtype) for w in weights)
     hidden = (lambda h: h) if scale is None else (
         lambda h: (h * scale[:, None].astype(h.dtype)).astype(dtype))
-    if grouped_gemm.usable(rows.astype(dtype), gate):  # XLA:CPU: one FFI call per GEMM
+    if grouped_gemm.runs_here(dtype):  # XLA:CPU: one FFI call per GEMM
         stack = (None, None, None) if stacks is None else (stacks.gate, stacks.up, stacks.down)
         layer = 0 if stacks is None else stacks.layer
 

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.backends import platform
+
 _SOURCE = Path(__file__).parent / "kernels" / "ragged_gemm.cc"
 _TARGETS = {"rows": "Dsv3RaggedRowsTimesKernels", "grads": "Dsv3RaggedKernelGradients"}
 _log = logging.getLogger(__name__)
@@ -90,13 +92,12 @@ def available() -> bool:
         return False
 
 
-def usable(*arrays: jax.Array) -> bool:
-    """Whether `ragged_matmul` runs these operands here: float32, traced for one CPU device
-    (outside any multi-device mesh: an FFI call has no partitioning rule) and the kernel
-    available."""
-    from dsv3_jax.expert_compute import platform  # the platform being traced for
+def runs_here(dtype) -> bool:
+    """Whether `ragged_matmul` runs products of `dtype` where code is being traced: float32,
+    for one CPU device (no multi-device mesh, not inside shard_map: an FFI call has no
+    partitioning rule), the kernel available."""
     mesh = jax.sharding.get_abstract_mesh()
-    return (all(a.dtype == jnp.float32 for a in arrays) and platform() == "cpu"
+    return (jnp.dtype(dtype) == jnp.float32 and platform() == "cpu"
             and (mesh.empty or mesh.size == 1) and not mesh.manual_axes and available())
 
 
@@ -143,7 +144,7 @@ def ragged_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, *,
                   stack: jax.Array | None = None, layer: jax.Array | int = 0) -> jax.Array:
     """Rows x [M, K] sorted by group through their groups' kernels w [G, K, N]: [M, N] float32
     (the module docstring); `sizes` [G] int32 rows per group. With `stack` [L, G, K, N], the
-    kernels are read as its layer `layer` (w: that slice, for the gradient). Check `usable`
+    kernels are read as its layer `layer` (w: that slice, for the gradient). Check `runs_here`
     first."""
     if not available():
         raise RuntimeError("the CPU grouped-GEMM kernel is unavailable (see the warning "

@@ -29,8 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.backends import platform
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.expert_compute import platform
 from dsv3_jax.model import (
     Block,
     DeepSeekV3,
@@ -91,7 +91,7 @@ def restack_cache(cache: dict) -> dict:
 
 def split_pays() -> bool:
     """Whether decode loops split the stacks (`for_decoding`): on XLA:CPU, where the code is
-    traced for (`expert_compute.platform`)."""
+    traced for (`backends.platform`)."""
     return platform() == "cpu"
 
 

@@ -54,8 +54,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax.backends import platform
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.expert_compute import platform, resolve_moe_impl
+from dsv3_jax.expert_compute import resolve_moe_impl
 from dsv3_jax.layers import Weight, dtype_of
 from dsv3_jax.moe import (
     Routing,

@@ -175,7 +175,11 @@ def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T
     `expert_compute.chosen_swiglu`) and "dense" (every expert, masked). Outputs
     equal the per-expert loop, and outputs and gradients wrt params and input equal the
     dropless blocks path forced on the same tokens, each to max |Δ| ≤ 1e-5 · max (measured
-    ≤ 1e-6). The params include experts no token chose: their gradients must be exactly 0."""
+    ≤ 1e-6). The params include experts no token chose: their gradients must be exactly 0.
+    These paths run where the CPU grouped-GEMM kernel does not (bf16, a mesh, TPU/GPU): it is
+    switched off here (`moe_impl` auto then picks blocks)."""
+    from dsv3_jax import grouped_gemm
+    monkeypatch.setattr(grouped_gemm, "runs_here", lambda dtype: False)
     c = ModelConfig.preset(preset)
     assert moe.few_token_path(B * T, c) == path
     assert moe.few_token_path(48, ModelConfig.preset("tiny")) is None  # other tests: blocks
@@ -206,9 +210,12 @@ def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-def test_the_chosen_path_stays_out_of_shard_map():
+def test_the_chosen_path_stays_out_of_shard_map(monkeypatch):
     """Inside shard_map the few-token choice skips "chosen" (its custom backward does not sum
-    the kernels' gradients over the map's other axes) for the next path that fits."""
+    the kernels' gradients over the map's other axes) for the next path that fits (the CPU
+    grouped-GEMM kernel, which outside shard_map takes few tokens itself, switched off)."""
+    from dsv3_jax import grouped_gemm
+    monkeypatch.setattr(grouped_gemm, "runs_here", lambda dtype: False)
     c = ModelConfig.preset("small")
     seen = []
 
@@ -222,22 +229,28 @@ def test_the_chosen_path_stays_out_of_shard_map():
 
 
 @pytest.mark.parametrize("preset, tokens, skewed", [
-    ("tiny", 48, False), ("tiny", 48, True), ("small", 320, True)])
-def test_ragged_equals_blocks_outputs_and_gradients(preset, tokens, skewed):
-    """moe_impl="ragged" (sorted rows through jax.lax.ragged_dot) against "blocks" (padded
-    blocks, gathered weights): outputs and gradients wrt params and input agree to fp32 noise
-    (max |Δ| ≤ 1e-5 · max |blocks|). Skewed: a +10 bias on experts 0-3 (all in group 0) makes
-    every token choose exactly experts 0-3, so expert 0 receives every token and the other
-    E - 4 experts none (empty groups in ragged_dot, no blocks but padding in the other)."""
+    ("tiny", 48, False), ("tiny", 48, True), ("small", 320, True), ("tiny", 2, False),
+    ("small", 8, False)])
+def test_ragged_equals_blocks_outputs_and_gradients(preset, tokens, skewed, monkeypatch):
+    """moe_impl="ragged" (sorted rows through grouped GEMMs: the CPU kernel here, which also
+    takes decode-sized inputs, 2 and 8 tokens) against "blocks" (padded blocks, one at a time):
+    outputs and gradients wrt params and input agree to fp32 noise (max |Δ| ≤ 1e-5 ·
+    max |blocks|). Skewed: a +10 bias on experts 0-3 (all in group 0) makes every token
+    choose exactly experts 0-3, so expert 0 receives every token and the other E - 4 experts
+    none (empty groups in the grouped GEMMs, no blocks but padding in the other)."""
     c = ModelConfig.preset(preset)
     params, x, bias = _moe_setup(c, B=2, T=tokens // 2)
     if skewed:
         bias = jnp.zeros(c.n_routed_experts).at[:4].set(10.0)
     probe = jax.random.normal(jax.random.key(9), x.shape)
 
+    few_token_path = moe.few_token_path
+    monkeypatch.setattr(moe, "few_token_path", lambda n, config: None)  # blocks: no few paths
+
     def run(impl):
         config = c.replace(moe_impl=impl)
-        assert moe.few_token_path(tokens, config) is None
+        if impl == "ragged":
+            assert few_token_path(tokens, config) is None
         fwd = lambda p, x: MoE(config).apply({"params": p}, x, bias)
         y, counts, _ = jax.jit(fwd)(params, x)
         grads = jax.jit(jax.grad(lambda p, x: (fwd(p, x)[0] * probe).sum(), (0, 1)))(params, x)

@@ -48,14 +48,14 @@ void Parallel(ffi::ThreadPool& pool, int64_t units, std::function<void(int64_t)>
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), units - 1);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, drain] { drain(*state); });
   drain(*state);
   while (state->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
 }
 
 // About this many rows per unit of row-splitting work: enough for sgemm to run near its peak.
-constexpr int64_t kRowsPerUnit = 128;
+constexpr int64_t kRowsPerUnit = 256;
 
 // (start, rows) of each group, the sizes clamped so that no group reads past `rows`.
 std::vector<std::pair<int64_t, int64_t>> Groups(ffi::Buffer<ffi::S32> sizes, int64_t rows) {

@@ -149,6 +149,15 @@ def ragged_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, *,
     if not available():
         raise RuntimeError("the CPU grouped-GEMM kernel is unavailable (see the warning "
                            "logged by dsv3_jax.grouped_gemm): use jax.lax.ragged_dot")
+    kernels = w if stack is None else stack
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or sizes.shape != w.shape[:1] or (
+            stack is not None and stack.shape[1:] != w.shape):
+        raise ValueError(f"ragged_matmul: x {x.shape}, w {w.shape}, sizes {sizes.shape}, stack "
+                         f"{None if stack is None else stack.shape}: expected x [M, K], "
+                         "w [G, K, N], sizes [G], stack [L, G, K, N]")
+    if any(a.dtype != jnp.float32 for a in (x, kernels)):
+        raise ValueError(f"ragged_matmul: x {x.dtype}, kernels {kernels.dtype}: the CPU kernel "
+                         "multiplies float32 only")
     if stack is not None:
         stack = jax.lax.stop_gradient(stack)
     return _ragged_matmul(x, w, sizes.astype(jnp.int32), stack,

@@ -78,6 +78,20 @@ def test_stack_layer_is_read_in_place_and_the_gradient_reaches_the_slice():
         assert not np.asarray(got[2]).any()
 
 
+def test_bad_operands_are_refused_by_name():
+    """Shapes that do not line up, and dtypes other than float32, are a ValueError naming
+    them, never the kernel reading past a buffer."""
+    x, w, sizes = jnp.zeros((4, 2)), jnp.zeros((3, 2, 5)), jnp.asarray([1, 2, 1], jnp.int32)
+    with pytest.raises(ValueError, match=r"x \(4, 3\), w \(3, 2, 5\).*expected x \[M, K\]"):
+        grouped_gemm.ragged_matmul(jnp.zeros((4, 3)), w, sizes)
+    with pytest.raises(ValueError, match=r"sizes \(2,\)"):
+        grouped_gemm.ragged_matmul(x, w, sizes[:2])
+    with pytest.raises(ValueError, match=r"stack \(2, 3, 2, 4\)"):
+        grouped_gemm.ragged_matmul(x, w, sizes, stack=jnp.zeros((2, 3, 2, 4)))
+    with pytest.raises(ValueError, match="bfloat16.*float32 only"):
+        grouped_gemm.ragged_matmul(x.astype(jnp.bfloat16), w, sizes)
+
+
 def test_without_a_compiler_the_kernel_is_unavailable_and_auto_keeps_blocks(
         monkeypatch, tmp_path, caplog):
     """No C++ compiler (CXX pointing nowhere, an empty kernel cache): `available()` is False

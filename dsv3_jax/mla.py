@@ -13,7 +13,8 @@ Full:   k_nope = c_kv W_kvb_k [N,H];  v = c_kv W_kvb_v [N,A];
         no query of the chunk can see (`causal_attention`).
 Absorbed decode: the cache holds only c_kv and k_pe (C + R values per token). W_kvb_k is folded
 into the query (q_nope W_kvb_k → [N,C]) and W_kvb_v is applied after attending over the latents:
-the same numbers without ever materializing per-head keys or values.
+the same numbers without ever materializing per-head keys or values. On one CPU device in
+float32 a batched cache is attended in one kernel call (`dsv3_jax/latent_attention.py`).
 
 The HF tensors `q_b_proj`, `kv_a_proj_with_mqa` and `kv_b_proj` are stored split (nope/pe, k/v)
 so every contraction here is a plain einsum in the dimension key; `dsv3_jax.hf` splits and joins.
@@ -26,6 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import latent_attention
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, product
 from dsv3_jax.rope import apply_rope, softmax_scale
@@ -186,13 +188,23 @@ class MLA(nn.Module):
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
             q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
-            # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored
-            # layout, where [N·T, C] · [S, C]ᵀ makes XLA:CPU copy it transposed every step
-            scores = jnp.transpose(product("BSC,BNTC->BSNT", view.c_kv, q_latent, dtype)
-                                   + product("BSR,BNTR->BSNT", view.k_pe, q_pe, dtype),
-                                   (0, 2, 3, 1))
-            out_latent = _masked_attend(scores, mask, "BNTS,BSC->BNTC", view.c_kv,
-                                        self.config)
+            # a one-sequence cache stored without its batch axis (`LatentCache.squeeze`) stays
+            # with the products: XLA:CPU copied it whole before the kernel call every step
+            squeezed = isinstance(cache, LatentCache) and cache.c_kv.ndim == 2
+            if not squeezed and latent_attention.runs_here(view.c_kv.dtype, q_latent.dtype,
+                                                           q_pe.dtype):
+                # one CPU kernel call: both score products, the masked softmax, the values
+                out_latent = latent_attention.attend(
+                    view.c_kv, view.k_pe, q_latent, q_pe, positions,
+                    softmax_scale(self.config)).astype(dtype)
+            else:
+                # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored
+                # layout, where [N·T, C] · [S, C]ᵀ makes XLA:CPU copy it transposed every step
+                scores = jnp.transpose(product("BSC,BNTC->BSNT", view.c_kv, q_latent, dtype)
+                                       + product("BSR,BNTR->BSNT", view.k_pe, q_pe, dtype),
+                                       (0, 2, 3, 1))
+                out_latent = _masked_attend(scores, mask, "BNTS,BSC->BNTC", view.c_kv,
+                                            self.config)
             out = self.kv_b_proj_v("BNTC,CNA->BNTA", out_latent)
         else:
             k_nope = self.kv_b_proj_k("BSC,CNH->BNSH", c_kv)

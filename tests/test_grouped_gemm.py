@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import grouped_gemm
+from dsv3_jax import cpu_kernels, grouped_gemm
 
 
 def _reference(x, w, sizes):
@@ -30,7 +30,7 @@ def test_ragged_matmul_matches_a_loop_and_ragged_dot_gradients(sizes):
     gradients of x and w against jax.lax.ragged_dot's (XLA's own lowering, the same products):
     ≤ 1e-5 relative. Empty groups get exactly zero kernel gradients, rows past the groups
     exactly zero outputs and input gradients."""
-    assert grouped_gemm.available()
+    assert cpu_kernels.available()
     rng = np.random.default_rng(sum(sizes))
     M, K, N, G = 300, 48, 40, 7
     x = rng.standard_normal((M, K)).astype(np.float32)
@@ -92,25 +92,28 @@ def test_bad_operands_are_refused_by_name():
         grouped_gemm.ragged_matmul(x.astype(jnp.bfloat16), w, sizes)
 
 
-def test_without_a_compiler_the_kernel_is_unavailable_and_auto_keeps_blocks(
+def test_without_a_compiler_the_kernels_are_unavailable_and_the_jax_paths_run(
         monkeypatch, tmp_path, caplog):
     """No C++ compiler (CXX pointing nowhere, an empty kernel cache): `available()` is False
-    with one warning naming the failure, ragged_matmul refuses by name, and moe_impl "auto"
-    runs the blocks path on this CPU."""
-    from dsv3_jax import ModelConfig
+    with one warning naming the failure, the kernels' entry points refuse by name, moe_impl
+    "auto" runs the blocks path on this CPU and the absorbed decode attention its products
+    (a batch-2 decode step still equals the full forward: tests/test_generate.py's checks run
+    the same code)."""
+    from dsv3_jax import ModelConfig, latent_attention
     from dsv3_jax.expert_compute import resolve_moe_impl
-    grouped_gemm.available.cache_clear()
+    cpu_kernels.available.cache_clear()
     try:
         with monkeypatch.context() as env:
             env.setenv("CXX", str(tmp_path / "no-such-compiler"))
             env.setenv("DSV3_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
-            with caplog.at_level("WARNING", logger="dsv3_jax.grouped_gemm"):
-                assert not grouped_gemm.available()
-            assert "the CPU grouped-GEMM kernel is unavailable" in caplog.text
+            with caplog.at_level("WARNING", logger="dsv3_jax.cpu_kernels"):
+                assert not cpu_kernels.available()
+            assert "the CPU kernels are unavailable (FileNotFoundError" in caplog.text
             assert resolve_moe_impl(ModelConfig.preset("tiny")) == "blocks"
-            with pytest.raises(RuntimeError, match="grouped-GEMM kernel is unavailable"):
+            assert not latent_attention.runs_here(jnp.float32)
+            with pytest.raises(RuntimeError, match="CPU kernels are unavailable"):
                 grouped_gemm.ragged_matmul(jnp.zeros((4, 2)), jnp.zeros((1, 2, 3)),
                                            jnp.asarray([4], jnp.int32))
     finally:
-        grouped_gemm.available.cache_clear()
-    assert grouped_gemm.available()  # the real cache again
+        cpu_kernels.available.cache_clear()
+    assert cpu_kernels.available()  # the real cache again

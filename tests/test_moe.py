@@ -273,7 +273,7 @@ def test_moe_impl_choice_and_errors(caplog, monkeypatch):
     for float32 on one device, else blocks: bf16 products, an FP8 recipe, a multi-device mesh,
     inside shard_map, or no kernel built (logged once per choice); explicit choices stand;
     contradictions and unknown names are refused by name."""
-    from dsv3_jax import expert_compute, grouped_gemm
+    from dsv3_jax import cpu_kernels, expert_compute
     resolve = expert_compute.resolve_moe_impl
     expert_compute._logged.clear()
     with caplog.at_level("INFO", logger="dsv3_jax.expert_compute"):
@@ -291,7 +291,7 @@ def test_moe_impl_choice_and_errors(caplog, monkeypatch):
                         devices=jax.devices()[:1])
     with jax.set_mesh(one):
         assert resolve(ModelConfig.preset("tiny")) == "ragged"
-    monkeypatch.setattr(grouped_gemm, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     assert resolve(ModelConfig.preset("tiny")) == "blocks"
     assert expert_compute.resolve_moe_impl(
         ModelConfig.preset("tiny", capacity_factor=1.25)) == "capacity"

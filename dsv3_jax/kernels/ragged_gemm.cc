@@ -7,52 +7,17 @@
 // stack when given one. Output rows past the groups, and the kernel gradient of an empty
 // group, are zero.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "cblas.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// OpenBLAS runs single-threaded: the parallelism is XLA's own intra-op pool (`Parallel`), so
-// the kernel never competes with XLA's workers for the cores.
-const bool kSingleThreaded = [] {
-  scipy_openblas_set_num_threads(1);
-  return true;
-}();
-
-// Runs work(0), ..., work(units - 1) on the calling thread and XLA's intra-op pool: every
-// participant takes the next unstarted unit until none is left, so a pool task that starts
-// late finds nothing to do and the call never waits for a task that has not started (no
-// deadlock when every worker is inside such a call).
-void Parallel(ffi::ThreadPool& pool, int64_t units, std::function<void(int64_t)> work) {
-  struct State {
-    std::function<void(int64_t)> work;
-    int64_t units;
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  state->work = std::move(work);
-  state->units = units;
-  auto drain = [](State& s) {
-    for (int64_t u; (u = s.next.fetch_add(1)) < s.units;) {
-      s.work(u);
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, drain] { drain(*state); });
-  drain(*state);
-  while (state->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
-}
 
 // About this many rows per unit of row-splitting work: enough for sgemm to run near its peak.
 constexpr int64_t kRowsPerUnit = 256;
@@ -106,7 +71,7 @@ ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
       units.push_back({g, start + a, b - a});
     }
   }
-  Parallel(pool, units.size(), [&](int64_t u) {
+  dsv3::Parallel(pool, units.size(), [&](int64_t u) {
     const Unit& t = units[u];
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose ? CblasTrans : CblasNoTrans,
                       t.rows, width, in, 1.0f, xs + t.start * in, in,
@@ -131,7 +96,7 @@ ffi::Error KernelGradients(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   for (int64_t g = 0; g < G; ++g) order[g] = g;
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return groups[a].second > groups[b].second; });
-  Parallel(pool, G, [&](int64_t u) {
+  dsv3::Parallel(pool, G, [&](int64_t u) {
     const int64_t g = order[u];
     auto [start, rows] = groups[g];
     float* o = outs + g * K * N;

@@ -1,14 +1,14 @@
-"""One full-model decode step after a prompt: the routed experts' few-token path the model
-picks (`moe.few_token_path`: "sliced", "chosen" or "dense") vs filling E padded expert blocks,
-in one run.
+"""One full-model decode step after a prompt: the routed experts' path the model picks (a
+few-token path of `moe.few_token_path`: "sliced", "chosen" or "dense"; or, on one CPU device in
+float32, "ragged": the grouped-GEMM CPU kernel) vs filling E padded expert blocks, in one run.
 
     python -m benchmarks.moe_decode [--preset bench] [--context 1024] [--batch 1]
 
 `--preset bench` is issue 10's benchmark config (vocab 512, hidden 256, 6 layers, 16 experts
 top-4, block 64); any ModelConfig preset works. The cache is filled by one prefill of `context`
-tokens; the timed call feeds one token per row through the absorbed-cache path. `gathered` is
-what the model picks for a decode step (`moe.few_token_path`), `blocks` forces the dropless
-block buffer of (ceil(N·K/b) + E)·b rows.
+tokens; the timed call feeds one token per row through the absorbed-cache path. `picked` is
+what the model picks for a decode step, `blocks` forces the dropless block buffer of
+(ceil(N·K/b) + E)·b rows (moe_impl "blocks", no few-token path).
 """
 
 import argparse
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import parse_config, positive_int, report, seconds_per_call
 from dsv3_jax import DeepSeekV3, moe
+from dsv3_jax.expert_compute import resolve_moe_impl
 from dsv3_jax.model import init_cache
 
 
@@ -36,12 +37,13 @@ def main():
     cache = jax.jit(lambda v, p: net.apply(v, p, cache=init_cache(c, args.batch, args.context + 1),
                                            cache_index=0, mtp=False).cache)(variables, prompt)
     token = prompt[:, -1:]
-    chosen = moe.few_token_path(args.batch, c) or "blocks"
+    chosen = moe.few_token_path(args.batch, c) or resolve_moe_impl(c)
     times = {}
-    for path, pick in (("picked", moe.few_token_path), ("blocks", lambda n, config: None)):
+    for path, pick, config in (("picked", moe.few_token_path, c),
+                               ("blocks", lambda n, config: None, c.replace(moe_impl="blocks"))):
         original, moe.few_token_path = moe.few_token_path, pick
         try:  # a fresh function per path, so each is traced with its own choice
-            step = jax.jit(lambda v, t, cache: net.apply(
+            step = jax.jit(lambda v, t, cache, config=config: DeepSeekV3(config).apply(
                 v, t, cache=cache, cache_index=args.context, absorb=True, mtp=False).logits)
             times[path] = seconds_per_call(step, variables, token, cache) * 1e3
         finally:

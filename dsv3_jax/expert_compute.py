@@ -110,6 +110,7 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
         def mm(x, w, s):
             return grouped_gemm.ragged_matmul(x, w, group_sizes, stack=s, layer=layer)
 
+        rows = rows.astype(dtype)
         h = jax.nn.silu(mm(rows, gate, stack[0])) * mm(rows, up, stack[1])
         return mm(hidden(h), down, stack[2])
 

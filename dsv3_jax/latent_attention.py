@@ -40,8 +40,8 @@ def reference(c_kv, k_pe, q_latent, q_pe, positions, scale: float) -> jax.Array:
     S = c_kv.shape[1]
     mask = jnp.arange(S)[None, None, None, :] <= positions[:, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # a query that sees no slot (a position < 0) averages them all, as `mla._masked_attend`
     weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-    weights = jnp.where(mask, weights, 0)
     out = jnp.einsum("BNTS,BSC->BNTC", weights, f32(c_kv))
     return out / weights.sum(-1, keepdims=True)
 

@@ -16,6 +16,9 @@ def _numpy(c_kv, k_pe, q_latent, q_pe, positions, scale):
     for b in range(B):
         for n in range(N):
             for t in range(T):
+                if positions[b, t] < 0:  # no visible slot: uniform weights over all of them
+                    out[b, n, t] = c_kv[b].mean(0)
+                    continue
                 visible = positions[b, t] + 1
                 s = (c_kv[b, :visible] @ q_latent[b, n, t] + k_pe[b, :visible] @ q_pe[b, n, t])
                 w = np.exp((s - s.max()) * scale)
@@ -36,6 +39,8 @@ def test_kernel_matches_a_loop_and_its_gradient_the_formulas(B, S, C, R, N, T):
     q_latent, q_pe = rng.standard_normal((B, N, T, C)), rng.standard_normal((B, N, T, R))
     positions = rng.integers(0, S, (B, T))
     positions[0, 0] = 0  # one query sees only slot 0
+    if T > 1:
+        positions[-1, -1] = -1  # and one sees none: the mean of all slots, as the JAX path
     args = [jnp.asarray(a, jnp.float32) for a in (c_kv, k_pe, q_latent, q_pe)]
     args.append(jnp.asarray(positions, jnp.int32))
     got = np.asarray(jax.jit(latent_attention.attend, static_argnums=5)(*args, 0.2))

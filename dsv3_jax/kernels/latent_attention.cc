@@ -47,6 +47,11 @@ ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c_kv,
       const int64_t t = (r0 + i) % T;
       const int64_t visible = std::clamp<int64_t>(positions.typed_data()[b * T + t] + 1, 0, S);
       float* row = scores.data() + i * S;
+      if (visible == 0) {  // sees no slot (a position < 0): all of them alike, as the JAX path
+        std::fill(row, row + S, 1.0f);
+        sums[i] = static_cast<float>(S);
+        continue;
+      }
       float top = std::numeric_limits<float>::lowest();
       for (int64_t s = 0; s < visible; ++s) top = std::max(top, row[s]);
       float sum = 0.0f;

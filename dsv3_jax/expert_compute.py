@@ -14,7 +14,7 @@ sorted by expert, M = N·K here):
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
   * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode);
     "blocks" under an FP8 recipe (ragged_dot has none); else "ragged" on TPU and GPU, and on
-    a CPU where the grouped-GEMM kernel runs (`grouped_gemm.runs_here`: float32, one device,
+    a CPU where the grouped-GEMM kernel runs (`cpu_kernels.runs_here`: float32, one device,
     the kernel built), "blocks" on other CPU setups. The platform is that of the mesh being
     traced under (`jax.set_mesh`, e.g. a described TPU slice for an AOT compile), else
     JAX's default backend. Each resolution is logged once.
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import grouped_gemm
+from dsv3_jax import cpu_kernels, grouped_gemm
 from dsv3_jax.backends import platform
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Weight, dtype_of
@@ -55,7 +55,7 @@ def resolve_moe_impl(config: ModelConfig) -> str:
         choice = "capacity"
     elif config.fp8 != "none":
         choice = "blocks"
-    elif where in _ACCELERATORS or grouped_gemm.runs_here(dtype_of(config.dtype)):
+    elif where in _ACCELERATORS or cpu_kernels.runs_here(dtype_of(config.dtype)):
         choice = "ragged"
     else:
         choice = "blocks"
@@ -103,28 +103,25 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
     gate, up, down = (w.kernel.astype(dtype) for w in weights)
     hidden = (lambda h: h) if scale is None else (
         lambda h: (h * scale[:, None].astype(h.dtype)).astype(dtype))
-    if grouped_gemm.runs_here(dtype):  # XLA:CPU: one FFI call per GEMM
+    if cpu_kernels.runs_here(dtype):  # XLA:CPU: one FFI call per GEMM
         stack = (None, None, None) if stacks is None else (stacks.gate, stacks.up, stacks.down)
         layer = 0 if stacks is None else stacks.layer
 
-        def mm(x, w, s):
-            return grouped_gemm.ragged_matmul(x, w, group_sizes, stack=s, layer=layer)
+        def gemm(x, w, i):  # i: which of the (gate, up, down) stacks holds w
+            return grouped_gemm.ragged_matmul(x.astype(dtype), w, group_sizes, stack=stack[i],
+                                              layer=layer)
+    else:
+        def gemm(x, w, i):
+            # Out in the compute dtype (accumulated in fp32 by the kernels): an fp32 out would
+            # give the backward pass fp32 cotangents against compute-dtype operands, a
+            # mixed-type ragged_dot that TPU's Mosaic kernel refuses ("Bad rhs type").
+            # A narrower compute dtype multiplies at its own precision: an inherited "highest"
+            # (fp32 contract precision) on bf16 operands is another refusal of the TPU kernel.
+            precision = None if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+            return jax.lax.ragged_dot(x.astype(dtype), w, group_sizes, precision=precision,
+                                      preferred_element_type=dtype)
 
-        rows = rows.astype(dtype)
-        h = jax.nn.silu(mm(rows, gate, stack[0])) * mm(rows, up, stack[1])
-        return mm(hidden(h), down, stack[2])
-
-    def gemm(x, w):
-        # Out in the compute dtype (accumulated in fp32 by the kernels): an fp32 out would give
-        # the backward pass fp32 cotangents against compute-dtype operands, a mixed-type
-        # ragged_dot that TPU's Mosaic kernel refuses ("Bad rhs type").
-        # A narrower compute dtype multiplies at its own precision: an inherited "highest"
-        # (fp32 contract precision) on bf16 operands is another refusal of the TPU kernel.
-        precision = None if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-        return jax.lax.ragged_dot(x.astype(dtype), w, group_sizes, precision=precision,
-                                  preferred_element_type=dtype)
-
-    return gemm(hidden(jax.nn.silu(gemm(rows, gate)) * gemm(rows, up)), down)
+    return gemm(hidden(jax.nn.silu(gemm(rows, gate, 0)) * gemm(rows, up, 1)), down, 2)
 
 
 def ragged_experts(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Array,

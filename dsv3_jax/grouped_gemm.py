@@ -29,12 +29,6 @@ import numpy as np
 from dsv3_jax import cpu_kernels
 
 
-def runs_here(dtype) -> bool:
-    """Whether `ragged_matmul` runs products of `dtype` where code is being traced
-    (`cpu_kernels.runs_here`: float32, one CPU device, the kernels built)."""
-    return cpu_kernels.runs_here(dtype)
-
-
 def _rows(x, w, sizes, layer, transpose: bool):
     width = w.shape[-2] if transpose else w.shape[-1]
     call = jax.ffi.ffi_call("dsv3_ragged_rows", jax.ShapeDtypeStruct((x.shape[0], width),
@@ -78,8 +72,8 @@ def ragged_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, *,
                   stack: jax.Array | None = None, layer: jax.Array | int = 0) -> jax.Array:
     """Rows x [M, K] sorted by group through their groups' kernels w [G, K, N]: [M, N] float32
     (the module docstring); `sizes` [G] int32 rows per group. With `stack` [L, G, K, N], the
-    kernels are read as its layer `layer` (w: that slice, for the gradient). Check `runs_here`
-    first."""
+    kernels are read as its layer `layer` (w: that slice, for the gradient). Check
+    `cpu_kernels.runs_here` first."""
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use jax.lax.ragged_dot")

@@ -13,7 +13,7 @@ passes. `attend` runs them as one FFI call (`kernels/latent_attention.cc`): per 
 rows split over XLA's pool at small batches) two OpenBLAS products into one score buffer, the
 masked softmax in place, one product with the cache, the division by the sums. Inference only:
 its gradient (`jax.custom_jvp`) is that of the pure-JAX formula, which also runs wherever the
-kernel does not (`runs_here`: float32 on one CPU device).
+kernel does not (`cpu_kernels.runs_here`: float32 on one CPU device).
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import cpu_kernels
-
-
-def runs_here(*dtypes) -> bool:
-    """Whether `attend` runs as the kernel where code is being traced (`cpu_kernels`)."""
-    return cpu_kernels.runs_here(*dtypes)
 
 
 def reference(c_kv, k_pe, q_latent, q_pe, positions, scale: float) -> jax.Array:
@@ -50,7 +45,8 @@ def attend(c_kv: jax.Array, k_pe: jax.Array, q_latent: jax.Array, q_pe: jax.Arra
            positions: jax.Array, scale: float) -> jax.Array:
     """[B, N, T, C] float32: each query's attention over the cache slots at or before its
     position (module docstring). c_kv [B, S, C], k_pe [B, S, R], q_latent [B, N, T, C],
-    q_pe [B, N, T, R], positions [B, T] int. Check `runs_here` first."""
+    q_pe [B, N, T, R], positions [B, T] int. Check `cpu_kernels.runs_here`
+    first."""
     B, S, C = c_kv.shape
     if (k_pe.shape[:2] != (B, S) or q_latent.shape[0] != B or q_latent.shape[3] != C
             or q_pe.shape != q_latent.shape[:3] + k_pe.shape[2:]
@@ -62,7 +58,8 @@ def attend(c_kv: jax.Array, k_pe: jax.Array, q_latent: jax.Array, q_pe: jax.Arra
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use latent_attention.reference")
-    return _attend(c_kv, k_pe, q_latent, q_pe, positions.astype(jnp.int32), float(scale))
+    return _attend_kernel(c_kv, k_pe, q_latent, q_pe, positions.astype(jnp.int32),
+                          float(scale))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
@@ -73,10 +70,6 @@ def _attend_kernel(c_kv, k_pe, q_latent, q_pe, positions, scale):
     f32 = lambda a: a.astype(jnp.float32)
     return call(f32(c_kv), f32(k_pe), f32(q_latent), f32(q_pe), positions,
                 scale=np.float32(scale))
-
-
-def _attend(c_kv, k_pe, q_latent, q_pe, positions, scale):
-    return _attend_kernel(c_kv, k_pe, q_latent, q_pe, positions, scale)
 
 
 @_attend_kernel.defjvp

@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import latent_attention
+from dsv3_jax import cpu_kernels, latent_attention
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, product
 from dsv3_jax.rope import apply_rope, softmax_scale
@@ -191,8 +191,8 @@ class MLA(nn.Module):
             # a one-sequence cache stored without its batch axis (`LatentCache.squeeze`) stays
             # with the products: XLA:CPU copied it whole before the kernel call every step
             squeezed = isinstance(cache, LatentCache) and cache.c_kv.ndim == 2
-            if not squeezed and latent_attention.runs_here(view.c_kv.dtype, q_latent.dtype,
-                                                           q_pe.dtype):
+            if not squeezed and cpu_kernels.runs_here(view.c_kv.dtype, q_latent.dtype,
+                                                      q_pe.dtype):
                 # one CPU kernel call: both score products, the masked softmax, the values
                 out_latent = latent_attention.attend(
                     view.c_kv, view.k_pe, q_latent, q_pe, positions,

@@ -61,7 +61,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import grouped_gemm
+from dsv3_jax import cpu_kernels
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.expert_compute import (
     ExpertStacks,
@@ -309,7 +309,7 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
     """How the routed experts of `tokens` tokens run when they are few (decided at trace time
     from the shapes; dropless and without an FP8 recipe), or None for the dropless blocks,
     ragged or capacity buffers — always None where the ragged path runs as the CPU
-    grouped-GEMM kernel (`grouped_gemm.runs_here`), which reads only the chosen experts'
+    grouped-GEMM kernel (`cpu_kernels.runs_here`), which reads only the chosen experts'
     kernels, in place (decode steps, `/tmp` A/B on 2 cores: bench batch 1 2.17 → 1.83 ms,
     batch 8 11.8-12.4 → 10.4; small batch 1 5.5-5.9 → 3.5, batch 8 23.7-24.7 → 15.9):
       "sliced" (`sliced_swiglu`) for one token: its K experts' kernels sliced out, unrolled;
@@ -329,7 +329,7 @@ def few_token_path(tokens: int, config: ModelConfig) -> str | None:
     c = config
     if c.capacity_factor is not None or c.fp8 != "none":
         return None
-    if resolve_moe_impl(c) == "ragged" and grouped_gemm.runs_here(dtype_of(c.dtype)):
+    if resolve_moe_impl(c) == "ragged" and cpu_kernels.runs_here(dtype_of(c.dtype)):
         return None  # the CPU kernel: only the chosen experts' kernels, read in place
     N, K, E, b = tokens, c.num_experts_per_tok, c.n_routed_experts, c.expert_block_size
     if N == 1:

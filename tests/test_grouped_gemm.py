@@ -99,7 +99,7 @@ def test_without_a_compiler_the_kernels_are_unavailable_and_the_jax_paths_run(
     "auto" runs the blocks path on this CPU and the absorbed decode attention its products
     (a batch-2 decode step still equals the full forward: tests/test_generate.py's checks run
     the same code)."""
-    from dsv3_jax import ModelConfig, latent_attention
+    from dsv3_jax import ModelConfig
     from dsv3_jax.expert_compute import resolve_moe_impl
     cpu_kernels.available.cache_clear()
     try:
@@ -110,7 +110,7 @@ def test_without_a_compiler_the_kernels_are_unavailable_and_the_jax_paths_run(
                 assert not cpu_kernels.available()
             assert "the CPU kernels are unavailable (FileNotFoundError" in caplog.text
             assert resolve_moe_impl(ModelConfig.preset("tiny")) == "blocks"
-            assert not latent_attention.runs_here(jnp.float32)
+            assert not cpu_kernels.runs_here(jnp.float32)
             with pytest.raises(RuntimeError, match="CPU kernels are unavailable"):
                 grouped_gemm.ragged_matmul(jnp.zeros((4, 2)), jnp.zeros((1, 2, 3)),
                                            jnp.asarray([4], jnp.int32))

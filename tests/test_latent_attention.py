@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import latent_attention
+from dsv3_jax import cpu_kernels, latent_attention
 
 
 def _numpy(c_kv, k_pe, q_latent, q_pe, positions, scale):
@@ -33,7 +33,7 @@ def test_kernel_matches_a_loop_and_its_gradient_the_formulas(B, S, C, R, N, T):
     the slots after it must not count): the kernel equals the NumPy loop to fp32 noise
     (≤ 1e-5 of the largest value) and the pure-JAX `reference`; its gradient (the formula's,
     through `jax.custom_jvp`) equals the reference's."""
-    assert latent_attention.runs_here(jnp.float32)
+    assert cpu_kernels.runs_here(jnp.float32)
     rng = np.random.default_rng(B * S)
     c_kv, k_pe = rng.standard_normal((B, S, C)), rng.standard_normal((B, S, R))
     q_latent, q_pe = rng.standard_normal((B, N, T, C)), rng.standard_normal((B, N, T, R))

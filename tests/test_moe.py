@@ -178,8 +178,8 @@ def test_a_few_tokens_take_their_path_and_match_the_loop_and_blocks(preset, B, T
     ≤ 1e-6). The params include experts no token chose: their gradients must be exactly 0.
     These paths run where the CPU grouped-GEMM kernel does not (bf16, a mesh, TPU/GPU): it is
     switched off here (`moe_impl` auto then picks blocks)."""
-    from dsv3_jax import grouped_gemm
-    monkeypatch.setattr(grouped_gemm, "runs_here", lambda dtype: False)
+    from dsv3_jax import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "runs_here", lambda *dtypes: False)
     c = ModelConfig.preset(preset)
     assert moe.few_token_path(B * T, c) == path
     assert moe.few_token_path(48, ModelConfig.preset("tiny")) is None  # other tests: blocks
@@ -214,8 +214,8 @@ def test_the_chosen_path_stays_out_of_shard_map(monkeypatch):
     """Inside shard_map the few-token choice skips "chosen" (its custom backward does not sum
     the kernels' gradients over the map's other axes) for the next path that fits (the CPU
     grouped-GEMM kernel, which outside shard_map takes few tokens itself, switched off)."""
-    from dsv3_jax import grouped_gemm
-    monkeypatch.setattr(grouped_gemm, "runs_here", lambda dtype: False)
+    from dsv3_jax import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "runs_here", lambda *dtypes: False)
     c = ModelConfig.preset("small")
     seen = []
 

@@ -63,7 +63,7 @@ ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c_kv,
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, S, 1.0f, scores.data(),
                       S, ckv, C, 0.0f, o, C);
     for (int64_t i = 0; i < n; ++i) {
-      const float inv = sums[i] > 0.0f ? 1.0f / sums[i] : 0.0f;
+      const float inv = 1.0f / sums[i];  // ≥ 1: the row's largest weight is exp(0)
       for (int64_t c = 0; c < C; ++c) o[i * C + c] *= inv;
     }
   });

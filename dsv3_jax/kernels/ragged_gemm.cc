@@ -1,6 +1,6 @@
 // Grouped GEMMs over rows sorted by group (ragged_dot and its two transposes), float32, on the
 // CPU through OpenBLAS's sgemm, as XLA FFI handlers. Built and registered by
-// dsv3_jax/grouped_gemm.py; dimension key there.
+// dsv3_jax/cpu_kernels.py; called by dsv3_jax/grouped_gemm.py (dimension key there).
 //
 // Rows [start_g, start_g + sizes[g]) of the row operands belong to group g (start_g the sum of
 // the sizes before it); the kernels are read in place, as layer `layer` of an [L, G, ...]
@@ -45,11 +45,11 @@ const float* Kernels(ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer, int64_t per_
   return w.typed_data<float>() + l * per_layer;
 }
 
-// mode 0 ("nn"): out[M, N] = x_g [M_g, K] · w_g [K, N]        x [M, K]
-// mode 1 ("nt"): out[M, K] = x_g [M_g, N] · w_gᵀ               x [M, N]
-ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> sizes,
-                            ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out,
-                            int64_t transpose) {
+// transpose 0: out[M, N] = x_g [M_g, K] · w_g [K, N]        x [M, K]
+// transpose 1: out[M, K] = x_g [M_g, N] · w_gᵀ               x [M, N]
+ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                            ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> layer,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t transpose) {
   const auto wd = w.dimensions();
   const int64_t K = wd[wd.size() - 2], N = wd[wd.size() - 1], G = wd[wd.size() - 3];
   const int64_t M = x.dimensions()[0];
@@ -81,9 +81,9 @@ ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   return ffi::Error::Success();
 }
 
-// mode "tn": out[G, K, N] = a_gᵀ [K, M_g] · b_g [M_g, N]     a [M, K], b [M, N]
-ffi::Error KernelGradients(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Buffer<ffi::S32> sizes,
-                           ffi::Result<ffi::AnyBuffer> out) {
+// out[G, K, N] = a_gᵀ [K, M_g] · b_g [M_g, N]     a [M, K], b [M, N]
+ffi::Error KernelGradients(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                           ffi::Buffer<ffi::S32> sizes, ffi::Result<ffi::AnyBuffer> out) {
   const auto od = out->dimensions();
   const int64_t G = od[0], K = od[1], N = od[2];
   const int64_t M = a.dimensions()[0];

@@ -8,7 +8,10 @@ cached under `$DSV3_JAX_KERNEL_CACHE` (default `~/.cache/dsv3_jax`) by a hash of
 and the versions they build against. Without a compiler or the wheel `available()` is False
 (one warning) and every caller keeps its pure-JAX path. Users:
   * `dsv3_jax.grouped_gemm`: the routed experts' grouped GEMMs (`ragged_dot`), training too;
-  * `dsv3_jax.latent_attention`: absorbed MLA decode attention over the latent cache.
+  * `dsv3_jax.latent_attention`: absorbed MLA decode attention over the latent cache;
+  * `dsv3_jax.fused_attention`: causal attention for training and prefill, with its gradient.
+Built for the machine that builds them (`-march=native`): the CPU's feature flags are part of
+the cache key.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform as platform_module
 import subprocess
 import sysconfig
 import tempfile
@@ -33,6 +37,8 @@ HANDLERS = {
     "dsv3_ragged_rows": "Dsv3RaggedRowsTimesKernels",
     "dsv3_ragged_grads": "Dsv3RaggedKernelGradients",
     "dsv3_latent_attention": "Dsv3LatentAttention",
+    "dsv3_causal_attention_fwd": "Dsv3CausalAttentionForward",
+    "dsv3_causal_attention_bwd": "Dsv3CausalAttentionBackward",
 }
 _log = logging.getLogger(__name__)
 
@@ -43,6 +49,16 @@ def _openblas():
             scipy_openblas32.get_library())
 
 
+def _cpu_flags() -> bytes:
+    """The instruction sets `-march=native` builds for (Linux: /proc/cpuinfo's flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform_module.machine().encode()
+    return next((line for line in info.splitlines() if line.startswith(("flags", "Features"))),
+                platform_module.machine()).encode()
+
+
 def _build() -> Path:
     """The compiled library, built once per (sources, jaxlib, OpenBLAS, Python ABI)."""
     include, libdir, library = _openblas()
@@ -50,7 +66,7 @@ def _build() -> Path:
     parts = [p.read_bytes() for p in sorted(_KERNELS.glob("*.[ch]*"))]
     key = hashlib.sha256(b"\0".join([
         *parts, jax.__version__.encode(), jax.ffi.include_dir().encode(), libdir.encode(),
-        str(sysconfig.get_config_var("SOABI")).encode()])).hexdigest()[:16]
+        str(sysconfig.get_config_var("SOABI")).encode(), _cpu_flags()])).hexdigest()[:16]
     cache = Path(os.environ.get("DSV3_JAX_KERNEL_CACHE",
                                 Path.home() / ".cache" / "dsv3_jax"))
     target = cache / f"kernels-{key}.so"
@@ -60,7 +76,7 @@ def _build() -> Path:
     compiler = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved: atomic
         out = Path(tmp) / target.name
-        command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
+        command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
                    f"-I{jax.ffi.include_dir()}", f"-I{include}", f"-I{_KERNELS}",
                    *map(str, sources), "-o", str(out),
                    f"-L{libdir}", f"-l{library}", f"-Wl,-rpath,{libdir}"]

@@ -10,7 +10,8 @@ Full:   k_nope = c_kv W_kvb_k [N,H];  v = c_kv W_kvb_v [N,A];
         score = [q_nope; q_pe]·[k_nope; k_pe] · scale (one H+R contraction per head);
         out = softmax(score) v W_o (normalized after the v product: `_masked_attend`), heads
         ahead of positions ([B, N, T, ·]) and the queries in causal chunks that skip the keys
-        no query of the chunk can see (`causal_attention`).
+        no query of the chunk can see (`causal_attention`; on one CPU device in float32 one
+        fused kernel call each way, `dsv3_jax/fused_attention.py`).
 Absorbed decode: the cache holds only c_kv and k_pe (C + R values per token). W_kvb_k is folded
 into the query (q_nope W_kvb_k → [N,C]) and W_kvb_v is applied after attending over the latents:
 the same numbers without ever materializing per-head keys or values. On one CPU device in
@@ -27,7 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import cpu_kernels, latent_attention
+from dsv3_jax import cpu_kernels, fused_attention, latent_attention
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, product
 from dsv3_jax.rope import apply_rope, softmax_scale
@@ -146,8 +147,9 @@ class MLA(nn.Module):
         self.o_proj = Einsum((N, A, D), ("heads", "v_head", "embed"), c)
 
     def _query(self, x, positions):
-        """(q_nope [B, N, T, H], q_pe [B, N, T, R]): heads ahead of positions, so every
-        attention product is a dot with (B, N) leading and its result needs no transpose."""
+        """(q_nope [B, N, T, H], q_pe [B, T, N, R]): q_nope's heads ahead of positions, so
+        every attention product is a dot with (B, N) leading and its result needs no
+        transpose; q_pe as the projection and the rotation leave it."""
         if self.config.q_lora_rank is None:
             q_nope = self.q_proj_nope("BTD,DNH->BNTH", x)
             q_pe = self.q_proj_pe("BTD,DNR->BTNR", x)
@@ -156,7 +158,7 @@ class MLA(nn.Module):
             q_nope = self.q_b_proj_nope("BTQ,QNH->BNTH", c_q)
             q_pe = self.q_b_proj_pe("BTQ,QNR->BTNR", c_q)
         q_nope = nn.with_logical_constraint(q_nope, ("batch", "heads", "length", "qk_nope"))
-        return q_nope, jnp.swapaxes(apply_rope(q_pe, positions, self.config), 1, 2)
+        return q_nope, apply_rope(q_pe, positions, self.config)
 
     def _latent(self, x, positions):
         c_kv = self.kv_a_layernorm(self.kv_a_proj("BSD,DC->BSC", x))
@@ -195,13 +197,13 @@ class MLA(nn.Module):
                                                       q_pe.dtype):
                 # one CPU kernel call: both score products, the masked softmax, the values
                 out_latent = latent_attention.attend(
-                    view.c_kv, view.k_pe, q_latent, q_pe, positions,
+                    view.c_kv, view.k_pe, q_latent, jnp.swapaxes(q_pe, 1, 2), positions,
                     softmax_scale(self.config)).astype(dtype)
             else:
                 # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored
                 # layout, where [N·T, C] · [S, C]ᵀ makes XLA:CPU copy it transposed every step
                 scores = jnp.transpose(product("BSC,BNTC->BSNT", view.c_kv, q_latent, dtype)
-                                       + product("BSR,BNTR->BSNT", view.k_pe, q_pe, dtype),
+                                       + product("BSR,BTNR->BSNT", view.k_pe, q_pe, dtype),
                                        (0, 2, 3, 1))
                 out_latent = _masked_attend(scores, mask, "BNTS,BSC->BNTC", view.c_kv,
                                             self.config)
@@ -209,12 +211,7 @@ class MLA(nn.Module):
         else:
             k_nope = self.kv_b_proj_k("BSC,CNH->BNSH", c_kv)
             v = self.kv_b_proj_v("BSC,CNA->BNSA", c_kv)
-            # one qk contraction of H + R per head: the rope key is shared by all heads
-            B, N, S, _ = k_nope.shape
-            q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
-            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, None].astype(k_nope.dtype),
-                                                          (B, N, S, k_pe.shape[-1]))], axis=-1)
-            out = causal_attention(q, k, v, positions, self.config)
+            out = causal_attention(q_nope, q_pe, k_nope, k_pe, v, positions, self.config)
         out = nn.with_logical_constraint(out, ("batch", "heads", "length", "v_head"))
         return self.o_proj("BNTA,NAD->BTD", out), cache
 
@@ -222,24 +219,34 @@ class MLA(nn.Module):
 ATTENTION_CHUNK = 128  # query positions per causal chunk (at least; at most 16 chunks)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
-                     config: ModelConfig) -> jax.Array:
-    """softmax(q·k · scale, causal) v within one sequence: q, k [B, N, T, K], v [B, N, T, A],
-    positions [B, T] increasing along T. Returns [B, N, T, A].
+def causal_attention(q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array, k_pe: jax.Array,
+                     v: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
+    """softmax((q_nope·k_nope + q_pe·k_pe) · scale, causal) v within one sequence: q_nope,
+    k_nope [B, N, T, H], q_pe [B, T, N, R], k_pe [B, T, R] (one rope key for all heads),
+    v [B, N, T, A], positions [B, T]; query t sees key s when s ≤ t and
+    positions[s] ≤ positions[t]. Returns [B, N, T, A].
 
-    Queries are taken in chunks of c = max(128, ceil(T/16)) positions, chunk i attending to
-    keys [0, (i+1)·c) only: the keys after a chunk can never be visible to it, so nothing is
-    dropped, and at T = 1024 the scores cost 36/64 of the full T × T (exact softmax per chunk:
-    each chunk sees all of its keys at once). Within a chunk the mask is by position.
+    On one CPU device in float32 this is one fused kernel call each way
+    (`dsv3_jax/fused_attention.py`). Otherwise one qk contraction of H + R per head (the rope
+    key broadcast to the heads), the queries in chunks of c = max(128, ceil(T/16)) positions,
+    chunk i attending to keys [0, (i+1)·c) only: the keys after a chunk can never be visible
+    to it, so nothing is dropped, and at T = 1024 the scores cost 36/64 of the full T × T
+    (exact softmax per chunk: each chunk sees all of its keys at once).
     """
     dtype = dtype_of(config.dtype)
-    T = q.shape[2]
+    if cpu_kernels.runs_here(q_nope.dtype, q_pe.dtype, k_nope.dtype, k_pe.dtype, v.dtype):
+        return fused_attention.attend(q_nope, q_pe, k_nope, k_pe, v, positions,
+                                      softmax_scale(config)).astype(dtype)
+    B, N, T, _ = k_nope.shape
+    q = jnp.concatenate([q_nope, jnp.swapaxes(q_pe, 1, 2).astype(q_nope.dtype)], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, None].astype(k_nope.dtype),
+                                                  (B, N, T, k_pe.shape[-1]))], axis=-1)
     chunk = max(ATTENTION_CHUNK, -(-T // 16))
     outs = []
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         scores = product("BNTK,BNSK->BNTS", q[:, :, start:end], k[:, :, :end], dtype)
-        mask = positions[:, None, :end] <= positions[:, start:end, None]  # [B, t, s]
+        mask = fused_attention.visible(positions, start, end)  # [B, t, s]
         outs.append(_masked_attend(scores, mask, "BNTS,BNSA->BNTA", v[:, :, :end], config))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 

@@ -190,6 +190,18 @@ def assert_same_loss_and_grads(got, want):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_cpu_kernels_leave_loss_and_grads_unchanged(remat_case, monkeypatch):
+    """The reference ran the CPU kernels (fused causal attention, the experts' grouped GEMMs:
+    float32 on one CPU device); with them switched off the pure-JAX paths give the same loss
+    and gradients to fp32 noise (1e-5 of each leaf's largest entry)."""
+    from dsv3_jax import cpu_kernels
+
+    assert cpu_kernels.runs_here(jnp.float32)
+    (loss0, grads0), _, loss_and_grads = remat_case
+    monkeypatch.setattr(cpu_kernels, "runs_here", lambda *dtypes: False)
+    assert_same_loss_and_grads(loss_and_grads("none")[0], (loss0, grads0))
+
+
 @pytest.mark.parametrize("layer_loop, policy", [("scan", "none"), ("unrolled", "full")])
 def test_scanned_layers_equal_unrolled(remat_case, layer_loop, policy):
     """The reference's "auto" (the tiny model's short stacks unrolled, no remat) against a

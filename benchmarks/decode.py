@@ -44,8 +44,8 @@ def main():
     p = params["params"]
 
     def query(p, x):  # q per head [B, 1, N, H+R] through the module's own projections
-        q_nope, q_pe = mla.apply({"params": p}, x, pos1, method=MLA._query)
-        return jnp.concatenate([q_nope, q_pe], -1)
+        q_nope, q_pe = mla.apply({"params": p}, x, pos1, method=MLA._query)  # BNTH, BTNR
+        return jnp.concatenate([jnp.swapaxes(q_nope, 1, 2), q_pe], -1)
 
     def attend(q, k, v, p):
         probs = jax.nn.softmax(jnp.einsum("BTNK,BSNK->BNTS", q, k) * softmax_scale(c), -1)

@@ -7,7 +7,8 @@ library (~5 s with the system's C++ compiler, `$CXX` or `c++`, against jaxlib's 
 cached under `$DSV3_JAX_KERNEL_CACHE` (default `~/.cache/dsv3_jax`) by a hash of the sources
 and the versions they build against. Without a compiler or the wheel `available()` is False
 (one warning) and every caller keeps its pure-JAX path. Users:
-  * `dsv3_jax.grouped_gemm`: the routed experts' grouped GEMMs (`ragged_dot`), training too;
+  * `dsv3_jax.grouped_gemm`: the routed experts' grouped GEMMs (`ragged_dot`) and their SwiGLU,
+    training too;
   * `dsv3_jax.latent_attention`: absorbed MLA decode attention over the latent cache;
   * `dsv3_jax.fused_attention`: causal attention for training and prefill, with its gradient.
 Built for the machine that builds them (`-march=native`): the CPU's feature flags are part of
@@ -36,6 +37,8 @@ _KERNELS = Path(__file__).parent / "kernels"
 HANDLERS = {
     "dsv3_ragged_rows": "Dsv3RaggedRowsTimesKernels",
     "dsv3_ragged_grads": "Dsv3RaggedKernelGradients",
+    "dsv3_swiglu_hidden": "Dsv3SwigluHidden",
+    "dsv3_swiglu_hidden_grads": "Dsv3SwigluHiddenGrads",
     "dsv3_latent_attention": "Dsv3LatentAttention",
     "dsv3_causal_attention_fwd": "Dsv3CausalAttentionForward",
     "dsv3_causal_attention_bwd": "Dsv3CausalAttentionBackward",

@@ -8,9 +8,9 @@ sorted by expert, M = N·K here):
   * "ragged": dropless; assignments sorted by expert (gathers both ways: `sort_rows`), then a
     grouped GEMM with the per-expert group sizes for each SwiGLU projection
     (`ragged_swiglu`), no padding: `jax.lax.ragged_dot` (megablox on TPU, a grouped GEMM on
-    GPU), or on one CPU device in float32 the FFI kernel of `dsv3_jax/grouped_gemm.py`
-    (OpenBLAS per group, kernels read in place). XLA:CPU's own `ragged_dot` costs as much as
-    every expert densely.
+    GPU), or on one CPU device in float32 the FFI kernels of `dsv3_jax/grouped_gemm.py`
+    (OpenBLAS per group, kernels read in place; gate, up and the activation one call).
+    XLA:CPU's own `ragged_dot` costs as much as every expert densely.
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
   * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode);
     "blocks" under an FP8 recipe (ragged_dot has none); else "ragged" on TPU and GPU, and on
@@ -101,27 +101,25 @@ def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight
     """
     dtype = dtype_of(config.dtype)
     gate, up, down = (w.kernel.astype(dtype) for w in weights)
-    hidden = (lambda h: h) if scale is None else (
-        lambda h: (h * scale[:, None].astype(h.dtype)).astype(dtype))
-    if cpu_kernels.runs_here(dtype):  # XLA:CPU: one FFI call per GEMM
-        stack = (None, None, None) if stacks is None else (stacks.gate, stacks.up, stacks.down)
+    if cpu_kernels.runs_here(dtype):  # XLA:CPU: one FFI call for the SwiGLU, one for down
         layer = 0 if stacks is None else stacks.layer
-
-        def gemm(x, w, i):  # i: which of the (gate, up, down) stacks holds w
-            return grouped_gemm.ragged_matmul(x.astype(dtype), w, group_sizes, stack=stack[i],
-                                              layer=layer)
-    else:
-        def gemm(x, w, i):
-            # Out in the compute dtype (accumulated in fp32 by the kernels): an fp32 out would
-            # give the backward pass fp32 cotangents against compute-dtype operands, a
-            # mixed-type ragged_dot that TPU's Mosaic kernel refuses ("Bad rhs type").
-            # A narrower compute dtype multiplies at its own precision: an inherited "highest"
-            # (fp32 contract precision) on bf16 operands is another refusal of the TPU kernel.
-            precision = None if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-            return jax.lax.ragged_dot(x.astype(dtype), w, group_sizes, precision=precision,
-                                      preferred_element_type=dtype)
-
-    return gemm(hidden(jax.nn.silu(gemm(rows, gate, 0)) * gemm(rows, up, 1)), down, 2)
+        h = grouped_gemm.swiglu_hidden(
+            rows.astype(dtype), gate, up, group_sizes, scale,
+            stacks=None if stacks is None else (stacks.gate, stacks.up), layer=layer)
+        return grouped_gemm.ragged_matmul(h, down, group_sizes, layer=layer,
+                                          stack=None if stacks is None else stacks.down)
+    # Out in the compute dtype (accumulated in fp32 by the kernels): an fp32 out would give the
+    # backward pass fp32 cotangents against compute-dtype operands, a mixed-type ragged_dot
+    # that TPU's Mosaic kernel refuses ("Bad rhs type"). A narrower compute dtype multiplies at
+    # its own precision: an inherited "highest" (fp32 contract precision) on bf16 operands is
+    # another refusal of the TPU kernel.
+    precision = None if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    gemm = lambda x, w: jax.lax.ragged_dot(x.astype(dtype), w, group_sizes,
+                                           precision=precision, preferred_element_type=dtype)
+    hidden = jax.nn.silu(gemm(rows, gate)) * gemm(rows, up)
+    if scale is not None:
+        hidden = (hidden * scale[:, None].astype(hidden.dtype)).astype(dtype)
+    return gemm(hidden, down)
 
 
 def ragged_experts(tokens: jax.Array, experts: jax.Array, routing_weights: jax.Array,

@@ -17,6 +17,7 @@
 
 #include "cblas.h"
 #include "parallel.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -25,40 +26,8 @@ namespace {
 
 constexpr int64_t kQueryBlock = 64;
 
-// Eight float32 lanes (GCC/Clang vector extensions: AVX, or two SSE registers).
-typedef float Floats __attribute__((vector_size(32)));
-typedef int32_t Ints __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-// exp(x) per lane to float32 rounding (Cody-Waite reduction, degree-6 polynomial on
-// [-ln2/2, ln2/2]); 0 below -87, -inf included.
-inline Floats Exp(Floats x) {
-  const Floats y = x < -87.0f ? Floats{} - 87.0f : x;
-  const Floats n = __builtin_convertvector(
-      __builtin_convertvector(y * 1.44269504088896341f + 0.5f - (y < -0.5f ? 1.0f : 0.0f),
-                              Ints), Floats);  // floor(y log2 e + 1/2), y <= 0 mostly
-  const Floats r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
-  Floats p = Floats{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const Floats two_n = (Floats)((__builtin_convertvector(n, Ints) + 127) << 23);
-  return x < -87.0f ? Floats{} : p * two_n;
-}
-
-inline Floats Load(const float* p) {
-  Floats v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
-
 // n rounded up to whole lanes: the row stride of a score buffer.
-inline int64_t Padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+inline int64_t Padded(int64_t n) { return (n + dsv3::kLanes - 1) / dsv3::kLanes * dsv3::kLanes; }
 
 // Where one (sequence, head)'s operands start, and their row strides.
 struct Head {
@@ -94,7 +63,7 @@ void Scores(const Shape& d, const Head& h, int64_t t0, int64_t rows, int64_t n, 
                     h.qp + t0 * h.ldqp, h.ldqp, h.kp, d.R, 1.0f, P, ld);
 }
 
-// Rows of P [rows, ld] (query t = t0 + r; ld a multiple of kLanes) hold scale · q_t · k_s for
+// Rows of P [rows, ld] (query t = t0 + r; ld a multiple of dsv3::kLanes) hold scale · q_t · k_s for
 // s < n; each becomes exp(· − shift_t) where s is visible to t, else 0, up to ld. With
 // lse == nullptr the shift is the row's max and lse_out/inv_sum receive its log-sum-exp and
 // 1 / sum; otherwise the shift is lse[t].
@@ -104,31 +73,31 @@ void Softmax(float* P, int64_t rows, int64_t ld, int64_t t0, const int32_t* pos,
     float* row = P + r * ld;
     const int64_t t = t0 + r;
     const int32_t pt = pos[t];
-    const int64_t seen = (t + kLanes) / kLanes * kLanes;  // whole lanes covering 0..t
+    const int64_t seen = (t + dsv3::kLanes) / dsv3::kLanes * dsv3::kLanes;  // whole lanes covering 0..t
     for (int64_t s = 0; s <= t; ++s) row[s] = pos[s] <= pt ? row[s] : -INFINITY;
     std::fill(row + t + 1, row + seen, -INFINITY);
     float shift;
     if (lse) {
       shift = lse[t];
     } else {
-      Floats m = Load(row);
-      for (int64_t s = kLanes; s < seen; s += kLanes) {
-        const Floats x = Load(row + s);
+      dsv3::Floats m = dsv3::Load(row);
+      for (int64_t s = dsv3::kLanes; s < seen; s += dsv3::kLanes) {
+        const dsv3::Floats x = dsv3::Load(row + s);
         m = m < x ? x : m;
       }
       shift = m[0];
-      for (int64_t i = 1; i < kLanes; ++i) shift = std::max(shift, m[i]);
+      for (int64_t i = 1; i < dsv3::kLanes; ++i) shift = std::max(shift, m[i]);
     }
-    Floats sums{};
-    for (int64_t s = 0; s < seen; s += kLanes) {
-      const Floats e = Exp(Load(row + s) - shift);
-      Store(row + s, e);
+    dsv3::Floats sums{};
+    for (int64_t s = 0; s < seen; s += dsv3::kLanes) {
+      const dsv3::Floats e = dsv3::Exp(dsv3::Load(row + s) - shift);
+      dsv3::Store(row + s, e);
       sums += e;
     }
     std::fill(row + seen, row + ld, 0.0f);
     if (!lse) {
       float sum = 0.0f;
-      for (int64_t i = 0; i < kLanes; ++i) sum += sums[i];
+      for (int64_t i = 0; i < dsv3::kLanes; ++i) sum += sums[i];
       lse_out[t] = shift + std::log(sum);
       inv_sum[r] = 1.0f / sum;
     }

@@ -7,12 +7,14 @@
 // stack when given one. Output rows past the groups, and the kernel gradient of an empty
 // group, are zero.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "cblas.h"
 #include "parallel.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,6 +36,39 @@ std::vector<std::pair<int64_t, int64_t>> Groups(ffi::Buffer<ffi::S32> sizes, int
     start += n;
   }
   return out;
+}
+
+// A piece of a group's rows: the unit of row-splitting work.
+struct Unit {
+  int64_t group, start, rows;
+};
+
+// Each group's rows in near-equal pieces of about kRowsPerUnit.
+std::vector<Unit> RowUnits(const std::vector<std::pair<int64_t, int64_t>>& groups) {
+  std::vector<Unit> units;
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    auto [start, rows] = groups[g];
+    const int64_t pieces = (rows + kRowsPerUnit - 1) / kRowsPerUnit;
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t a = rows * i / pieces, b = rows * (i + 1) / pieces;
+      units.push_back({g, start + a, b - a});
+    }
+  }
+  return units;
+}
+
+// The groups' indices, the most rows first (for balance when each is one unit of work).
+std::vector<int64_t> LargestFirst(const std::vector<std::pair<int64_t, int64_t>>& groups) {
+  std::vector<int64_t> order(groups.size());
+  for (size_t g = 0; g < order.size(); ++g) order[g] = g;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return groups[a].second > groups[b].second; });
+  return order;
+}
+
+// The rows after the groups' (the sum of their sizes).
+int64_t Filled(const std::vector<std::pair<int64_t, int64_t>>& groups) {
+  return groups.empty() ? 0 : groups.back().first + groups.back().second;
 }
 
 // The [G, K, N] kernels of layer `layer` of w ([G, K, N] or [L, G, K, N]).
@@ -58,19 +93,8 @@ ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   const float* xs = x.typed_data<float>();
   float* ys = out->typed_data<float>();
   auto groups = Groups(sizes, M);
-  const int64_t filled = G ? groups[G - 1].first + groups[G - 1].second : 0;
-  struct Unit {
-    int64_t group, start, rows;
-  };
-  std::vector<Unit> units;
-  for (int64_t g = 0; g < G; ++g) {
-    auto [start, rows] = groups[g];
-    const int64_t pieces = (rows + kRowsPerUnit - 1) / kRowsPerUnit;
-    for (int64_t i = 0; i < pieces; ++i) {  // near-equal pieces of the group's rows
-      const int64_t a = rows * i / pieces, b = rows * (i + 1) / pieces;
-      units.push_back({g, start + a, b - a});
-    }
-  }
+  const int64_t filled = Filled(groups);
+  const std::vector<Unit> units = RowUnits(groups);
   dsv3::Parallel(pool, units.size(), [&](int64_t u) {
     const Unit& t = units[u];
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose ? CblasTrans : CblasNoTrans,
@@ -92,10 +116,7 @@ ffi::Error KernelGradients(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
   float* outs = out->typed_data<float>();
   auto groups = Groups(sizes, M);
   // one unit per group (its whole [K, N] gradient), the largest first for balance
-  std::vector<int64_t> order(G);
-  for (int64_t g = 0; g < G; ++g) order[g] = g;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return groups[a].second > groups[b].second; });
+  const std::vector<int64_t> order = LargestFirst(groups);
   dsv3::Parallel(pool, G, [&](int64_t u) {
     const int64_t g = order[u];
     auto [start, rows] = groups[g];
@@ -106,6 +127,127 @@ ffi::Error KernelGradients(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
     }
     scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, N, rows, 1.0f,
                       as + start * K, K, bs + start * N, N, 0.0f, o, N);
+  });
+  return ffi::Error::Success();
+}
+
+// SwiGLU hidden units of rows sorted by group, the gate and up GEMMs and the activation in one
+// pass per piece of rows while it is in cache:
+//   g = x_g · gate_g,  u = x_g · up_g,  h = silu(g) ⊙ u ⊙ scale_row      x [M, D]; [M, F] each
+// g and u are returned for the backward pass; rows past the groups are zero.
+ffi::Error SwigluHidden(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gate,
+                        ffi::AnyBuffer up, ffi::Buffer<ffi::S32> sizes,
+                        ffi::Buffer<ffi::S32> layer, ffi::AnyBuffer scale,
+                        ffi::Result<ffi::AnyBuffer> h, ffi::Result<ffi::AnyBuffer> g,
+                        ffi::Result<ffi::AnyBuffer> u) {
+  const auto wd = gate.dimensions();
+  const int64_t D = wd[wd.size() - 2], F = wd[wd.size() - 1], G = wd[wd.size() - 3];
+  const int64_t M = x.dimensions()[0];
+  const float* wg = Kernels(gate, layer, G * D * F);
+  const float* wu = Kernels(up, layer, G * D * F);
+  const float* xs = x.typed_data<float>();
+  const float* ss = scale.typed_data<float>();
+  float *hs = h->typed_data<float>(), *gs = g->typed_data<float>(), *us = u->typed_data<float>();
+  const auto groups = Groups(sizes, M);
+  const auto units = RowUnits(groups);
+  const int64_t filled = Filled(groups);
+  dsv3::Parallel(pool, units.size(), [&](int64_t i) {
+    const Unit& t = units[i];
+    float *gt = gs + t.start * F, *ut = us + t.start * F, *ht = hs + t.start * F;
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.rows, F, D, 1.0f,
+                      xs + t.start * D, D, wg + t.group * D * F, F, 0.0f, gt, F);
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.rows, F, D, 1.0f,
+                      xs + t.start * D, D, wu + t.group * D * F, F, 0.0f, ut, F);
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const float s = ss[t.start + r];
+      int64_t f = 0;
+      for (; f + dsv3::kLanes <= F; f += dsv3::kLanes) {
+        const dsv3::Floats gv = dsv3::Load(gt + r * F + f);
+        dsv3::Store(ht + r * F + f, gv * dsv3::Sigmoid(gv) * dsv3::Load(ut + r * F + f) * s);
+      }
+      for (; f < F; ++f) {
+        const float gv = gt[r * F + f];
+        ht[r * F + f] = gv / (1.0f + std::exp(-gv)) * ut[r * F + f] * s;
+      }
+    }
+  });
+  for (float* out : {hs, gs, us})
+    if (filled < M) std::memset(out + filled * F, 0, (M - filled) * F * sizeof(float));
+  return ffi::Error::Success();
+}
+
+// SwigluHidden's backward from dh [M, F] and the g, u it returned:
+//   du = dh ⊙ scale ⊙ silu(g),  dg = dh ⊙ scale ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))),
+//   dscale_row = Σ_f dh ⊙ silu(g) ⊙ u,  dx = dg · gate_gᵀ + du · up_gᵀ    (per piece of rows)
+//   dgate_g = x_gᵀ · dg_g,  dup_g = x_gᵀ · du_g                          (per group)
+ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                             ffi::AnyBuffer u, ffi::AnyBuffer scale, ffi::AnyBuffer dh,
+                             ffi::AnyBuffer gate, ffi::AnyBuffer up,
+                             ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> layer,
+                             ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dgate,
+                             ffi::Result<ffi::AnyBuffer> dup,
+                             ffi::Result<ffi::AnyBuffer> dscale) {
+  const auto wd = gate.dimensions();
+  const int64_t D = wd[wd.size() - 2], F = wd[wd.size() - 1], G = wd[wd.size() - 3];
+  const int64_t M = x.dimensions()[0];
+  const float* wg = Kernels(gate, layer, G * D * F);
+  const float* wu = Kernels(up, layer, G * D * F);
+  const float *xs = x.typed_data<float>(), *gs = g.typed_data<float>();
+  const float *us = u.typed_data<float>(), *ss = scale.typed_data<float>();
+  const float* dhs = dh.typed_data<float>();
+  float* dxs = dx->typed_data<float>();
+  float* dss = dscale->typed_data<float>();
+  const auto groups = Groups(sizes, M);
+  const auto units = RowUnits(groups);
+  const int64_t filled = Filled(groups);
+  std::vector<float> dG(filled * F), dU(filled * F);
+  dsv3::Parallel(pool, units.size(), [&](int64_t i) {
+    const Unit& t = units[i];
+    for (int64_t r = t.start; r < t.start + t.rows; ++r) {
+      const float s = ss[r];
+      dsv3::Floats sums{};
+      float sum = 0.0f;
+      int64_t f = 0;
+      const int64_t o = r * F;
+      for (; f + dsv3::kLanes <= F; f += dsv3::kLanes) {
+        const dsv3::Floats gv = dsv3::Load(gs + o + f), uv = dsv3::Load(us + o + f);
+        const dsv3::Floats d = dsv3::Load(dhs + o + f), sg = dsv3::Sigmoid(gv);
+        const dsv3::Floats silu = gv * sg;
+        sums += d * silu * uv;
+        dsv3::Store(&dU[o + f], d * s * silu);
+        dsv3::Store(&dG[o + f], d * s * uv * sg * (1.0f + gv * (1.0f - sg)));
+      }
+      for (; f < F; ++f) {
+        const float gv = gs[o + f], uv = us[o + f], d = dhs[o + f];
+        const float sg = 1.0f / (1.0f + std::exp(-gv));
+        sum += d * gv * sg * uv;
+        dU[o + f] = d * s * gv * sg;
+        dG[o + f] = d * s * uv * sg * (1.0f + gv * (1.0f - sg));
+      }
+      for (int64_t l = 0; l < dsv3::kLanes; ++l) sum += sums[l];
+      dss[r] = sum;
+    }
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
+                      &dG[t.start * F], F, wg + t.group * D * F, F, 0.0f, dxs + t.start * D, D);
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
+                      &dU[t.start * F], F, wu + t.group * D * F, F, 1.0f, dxs + t.start * D, D);
+  });
+  if (filled < M) {
+    std::memset(dxs + filled * D, 0, (M - filled) * D * sizeof(float));
+    std::memset(dss + filled, 0, (M - filled) * sizeof(float));
+  }
+  std::vector<int64_t> order = LargestFirst(groups);
+  float *dgs = dgate->typed_data<float>(), *dus = dup->typed_data<float>();
+  dsv3::Parallel(pool, 2 * G, [&](int64_t i) {  // (group, gate or up)
+    const int64_t grp = order[i / 2];
+    auto [start, rows] = groups[grp];
+    float* out = (i % 2 ? dus : dgs) + grp * D * F;
+    if (rows == 0) {
+      std::memset(out, 0, D * F * sizeof(float));
+      return;
+    }
+    scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, F, rows, 1.0f,
+                      xs + start * D, D, (i % 2 ? dU : dG).data() + start * F, F, 0.0f, out, F);
   });
   return ffi::Error::Success();
 }
@@ -128,4 +270,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Dsv3RaggedKernelGradients, KernelGradients,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dsv3SwigluHidden, SwigluHidden,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Dsv3SwigluHiddenGrads, SwigluHiddenGrads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,45 @@
+// Shared by the CPU kernels: eight float32 lanes (GCC/Clang vector extensions, compiled for
+// the building machine's widest registers) and the math the kernels' elementwise steps need.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace dsv3 {
+
+typedef float Floats __attribute__((vector_size(32)));
+typedef int32_t Ints __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+// exp(x) per lane to float32 rounding (Cody-Waite reduction, degree-6 polynomial on
+// [-ln2/2, ln2/2]): 0 below -87 (-inf included), inputs above 88 taken as 88.
+inline Floats Exp(Floats x) {
+  Floats y = x < -87.0f ? Floats{} - 87.0f : x;
+  y = y > 88.0f ? Floats{} + 88.0f : y;
+  const Floats z = y * 1.44269504088896341f + 0.5f;
+  Floats n = __builtin_convertvector(__builtin_convertvector(z, Ints), Floats);  // trunc
+  n += __builtin_convertvector(n > z, Floats);  // floor: −1 (true) where trunc rounded up
+  const Floats r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
+  Floats p = Floats{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Floats two_n = (Floats)((__builtin_convertvector(n, Ints) + 127) << 23);
+  return x < -87.0f ? Floats{} : p * two_n;
+}
+
+// 1 / (1 + exp(-x)) per lane.
+inline Floats Sigmoid(Floats x) { return 1.0f / (1.0f + Exp(-x)); }
+
+inline Floats Load(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
+
+}  // namespace dsv3

@@ -190,6 +190,7 @@ class MLA(nn.Module):
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
             q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
+            q_pe = jnp.swapaxes(q_pe, 1, 2)  # [B, N, T, R], as q_latent
             # a one-sequence cache stored without its batch axis (`LatentCache.squeeze`) stays
             # with the products: XLA:CPU copied it whole before the kernel call every step
             squeezed = isinstance(cache, LatentCache) and cache.c_kv.ndim == 2
@@ -197,13 +198,13 @@ class MLA(nn.Module):
                                                       q_pe.dtype):
                 # one CPU kernel call: both score products, the masked softmax, the values
                 out_latent = latent_attention.attend(
-                    view.c_kv, view.k_pe, q_latent, jnp.swapaxes(q_pe, 1, 2), positions,
+                    view.c_kv, view.k_pe, q_latent, q_pe, positions,
                     softmax_scale(self.config)).astype(dtype)
             else:
                 # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored
                 # layout, where [N·T, C] · [S, C]ᵀ makes XLA:CPU copy it transposed every step
                 scores = jnp.transpose(product("BSC,BNTC->BSNT", view.c_kv, q_latent, dtype)
-                                       + product("BSR,BTNR->BSNT", view.k_pe, q_pe, dtype),
+                                       + product("BSR,BNTR->BSNT", view.k_pe, q_pe, dtype),
                                        (0, 2, 3, 1))
                 out_latent = _masked_attend(scores, mask, "BNTS,BSC->BNTC", view.c_kv,
                                             self.config)

@@ -62,11 +62,11 @@ def attend(q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array, k_pe: jax.Arra
         R = q_pe.shape[3]
         ok = (q_pe.shape == (B, T, N, R) and k_nope.shape == q_nope.shape
               and k_pe.shape == (B, T, R) and v.shape[:3] == (B, N, T)
-              and positions.shape == (B, T))
+              and positions.shape == (B, T) and min(q_nope.shape[3], R, v.shape[3]) > 0)
     if not ok:
         raise ValueError(f"fused_attention.attend: q_nope, q_pe, k_nope, k_pe, v, positions "
                          f"{', '.join(map(str, shapes))}: expected [B, N, T, H], [B, T, N, R], "
-                         "[B, N, T, H], [B, T, R], [B, N, T, A], [B, T]")
+                         "[B, N, T, H], [B, T, R], [B, N, T, A], [B, T] with H, R, A ≥ 1")
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use fused_attention.reference")

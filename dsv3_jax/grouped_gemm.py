@@ -147,13 +147,13 @@ def swiglu_hidden(x: jax.Array, gate: jax.Array, up: jax.Array, sizes: jax.Array
     M = x.shape[0]
     scale = jnp.ones((M,), jnp.float32) if scale is None else scale
     if (x.ndim != 2 or gate.ndim != 3 or up.shape != gate.shape or x.shape[1] != gate.shape[1]
-            or sizes.shape != gate.shape[:1] or scale.shape != (M,)
+            or sizes.shape != gate.shape[:1] or scale.shape != (M,) or 0 in gate.shape[1:]
             or (stacks is not None and any(s.shape[1:] != gate.shape for s in stacks))):
         raise ValueError(f"swiglu_hidden: x {x.shape}, gate {gate.shape}, up {up.shape}, sizes "
                          f"{sizes.shape}, scale {scale.shape}, stacks "
                          f"{None if stacks is None else [s.shape for s in stacks]}: expected "
-                         "x [M, D], gate and up [G, D, F], sizes [G], scale [M], stacks "
-                         "[L, G, D, F]")
+                         "x [M, D], gate and up [G, D, F] (D, F ≥ 1), sizes [G], scale [M], "
+                         "stacks [L, G, D, F]")
     kernels = (gate, up) if stacks is None else stacks
     if any(a.dtype != jnp.float32 for a in (x, *kernels)):
         raise ValueError(f"swiglu_hidden: x {x.dtype}, kernels {kernels[0].dtype}: the CPU "

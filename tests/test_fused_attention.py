@@ -66,3 +66,5 @@ def test_bad_shapes_are_refused_by_name():
         fused_attention.attend(qn, jnp.zeros((2, 3, 5, 4)), qn, kp, v, pos, 1.0)
     with pytest.raises(ValueError, match=r"\(2, 4\)\: expected"):
         fused_attention.attend(qn, qp, qn, kp, v, jnp.zeros((2, 4), jnp.int32), 1.0)
+    with pytest.raises(ValueError, match=r"with H, R, A ≥ 1"):  # an empty head dim
+        fused_attention.attend(qn, qp, qn, kp, jnp.zeros((2, 3, 5, 0)), pos, 1.0)

@@ -142,6 +142,8 @@ def test_bad_operands_are_refused_by_name():
     with pytest.raises(ValueError, match=r"swiglu_hidden: x \(4, 2\), gate \(3, 2, 5\), up "
                                          r"\(3, 2, 4\).*expected"):
         grouped_gemm.swiglu_hidden(x, w, jnp.zeros((3, 2, 4)), sizes)
+    with pytest.raises(ValueError, match=r"\(D, F ≥ 1\)"):  # an empty hidden width
+        grouped_gemm.swiglu_hidden(x, jnp.zeros((3, 2, 0)), jnp.zeros((3, 2, 0)), sizes)
     with pytest.raises(ValueError, match=r"scale \(3,\)"):
         grouped_gemm.swiglu_hidden(x, w, w, sizes, jnp.ones(3))
     with pytest.raises(ValueError, match="bfloat16.*float32 only"):

@@ -113,11 +113,11 @@ def _swiglu_hidden(x, gate, up, sizes, scale, stacks, layer):
 def _swiglu_fwd(x, gate, up, sizes, scale, stacks, layer):
     kernels = (gate, up) if stacks is None else stacks
     h, g, u = _hidden(x, *kernels, sizes, layer, scale)
-    return h, (x, g, u, scale, kernels, sizes, layer, stacks is None)
+    return h, (x, g, u, scale, kernels, sizes, layer)
 
 
 def _swiglu_bwd(residuals, dh):
-    x, g, u, scale, kernels, sizes, layer, own = residuals
+    x, g, u, scale, kernels, sizes, layer = residuals
     (M, D), (G, F) = x.shape, (sizes.shape[0], g.shape[1])
     shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
     call = jax.ffi.ffi_call("dsv3_swiglu_hidden_grads",

@@ -4,11 +4,12 @@
 //
 // q_nope, k_nope [B, N, T, H], q_pe [B, T, N, R], k_pe [B, T, R] (one rope key for all heads),
 // v [B, N, T, A], positions [B, T]: scores are q_nope·k_nope + q_pe·k_pe, and query t of a
-// sequence sees key s when s <= t and positions[s] <= positions[t] (itself always). Queries go in blocks of
-// kQueryBlock rows; a block's scores against the keys it can reach ([0, t1)) are one sgemm into
-// a per-call buffer, softmaxed in place, and multiplied by the values: the [T, T] scores are
-// never stored. The forward also returns each query's log-sum-exp, from which the backward
-// rebuilds the probabilities block by block (FlashAttention's recomputation).
+// sequence sees key s when s <= t and positions[s] <= positions[t] (itself always). Queries go
+// in blocks of kQueryBlock rows; a block's scores against the keys it can reach ([0, t1)) are
+// two sgemms (nope, rope) into a per-unit buffer, softmaxed in place, and multiplied by the
+// values: the [T, T] scores are never stored. The forward also returns each query's
+// log-sum-exp, from which the backward rebuilds the probabilities block by block
+// (FlashAttention's recomputation).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,10 +25,16 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using dsv3::Exp;
+using dsv3::Floats;
+using dsv3::kLanes;
+using dsv3::Load;
+using dsv3::Store;
+
 constexpr int64_t kQueryBlock = 64;
 
 // n rounded up to whole lanes: the row stride of a score buffer.
-inline int64_t Padded(int64_t n) { return (n + dsv3::kLanes - 1) / dsv3::kLanes * dsv3::kLanes; }
+inline int64_t Padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // Where one (sequence, head)'s operands start, and their row strides.
 struct Head {
@@ -63,8 +70,8 @@ void Scores(const Shape& d, const Head& h, int64_t t0, int64_t rows, int64_t n, 
                     h.qp + t0 * h.ldqp, h.ldqp, h.kp, d.R, 1.0f, P, ld);
 }
 
-// Rows of P [rows, ld] (query t = t0 + r; ld a multiple of dsv3::kLanes) hold scale · q_t · k_s for
-// s < n; each becomes exp(· − shift_t) where s is visible to t, else 0, up to ld. With
+// Rows of P [rows, ld] (query t = t0 + r; ld a multiple of kLanes) hold scale · q_t · k_s
+// for s < n; each becomes exp(· − shift_t) where s is visible to t, else 0, up to ld. With
 // lse == nullptr the shift is the row's max and lse_out/inv_sum receive its log-sum-exp and
 // 1 / sum; otherwise the shift is lse[t].
 void Softmax(float* P, int64_t rows, int64_t ld, int64_t t0, const int32_t* pos,
@@ -73,31 +80,31 @@ void Softmax(float* P, int64_t rows, int64_t ld, int64_t t0, const int32_t* pos,
     float* row = P + r * ld;
     const int64_t t = t0 + r;
     const int32_t pt = pos[t];
-    const int64_t seen = (t + dsv3::kLanes) / dsv3::kLanes * dsv3::kLanes;  // whole lanes covering 0..t
+    const int64_t seen = (t + kLanes) / kLanes * kLanes;  // whole lanes covering 0..t
     for (int64_t s = 0; s <= t; ++s) row[s] = pos[s] <= pt ? row[s] : -INFINITY;
     std::fill(row + t + 1, row + seen, -INFINITY);
     float shift;
     if (lse) {
       shift = lse[t];
     } else {
-      dsv3::Floats m = dsv3::Load(row);
-      for (int64_t s = dsv3::kLanes; s < seen; s += dsv3::kLanes) {
-        const dsv3::Floats x = dsv3::Load(row + s);
+      Floats m = Load(row);
+      for (int64_t s = kLanes; s < seen; s += kLanes) {
+        const Floats x = Load(row + s);
         m = m < x ? x : m;
       }
       shift = m[0];
-      for (int64_t i = 1; i < dsv3::kLanes; ++i) shift = std::max(shift, m[i]);
+      for (int64_t i = 1; i < kLanes; ++i) shift = std::max(shift, m[i]);
     }
-    dsv3::Floats sums{};
-    for (int64_t s = 0; s < seen; s += dsv3::kLanes) {
-      const dsv3::Floats e = dsv3::Exp(dsv3::Load(row + s) - shift);
-      dsv3::Store(row + s, e);
+    Floats sums{};
+    for (int64_t s = 0; s < seen; s += kLanes) {
+      const Floats e = Exp(Load(row + s) - shift);
+      Store(row + s, e);
       sums += e;
     }
     std::fill(row + seen, row + ld, 0.0f);
     if (!lse) {
       float sum = 0.0f;
-      for (int64_t i = 0; i < dsv3::kLanes; ++i) sum += sums[i];
+      for (int64_t i = 0; i < kLanes; ++i) sum += sums[i];
       lse_out[t] = shift + std::log(sum);
       inv_sum[r] = 1.0f / sum;
     }

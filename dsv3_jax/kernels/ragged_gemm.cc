@@ -7,9 +7,9 @@
 // stack when given one. Output rows past the groups, and the kernel gradient of an empty
 // group, are zero.
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cblas.h"
@@ -160,14 +160,10 @@ ffi::Error SwigluHidden(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g
                       xs + t.start * D, D, wu + t.group * D * F, F, 0.0f, ut, F);
     for (int64_t r = 0; r < t.rows; ++r) {
       const float s = ss[t.start + r];
-      int64_t f = 0;
-      for (; f + dsv3::kLanes <= F; f += dsv3::kLanes) {
-        const dsv3::Floats gv = dsv3::Load(gt + r * F + f);
-        dsv3::Store(ht + r * F + f, gv * dsv3::Sigmoid(gv) * dsv3::Load(ut + r * F + f) * s);
-      }
-      for (; f < F; ++f) {
-        const float gv = gt[r * F + f];
-        ht[r * F + f] = gv / (1.0f + std::exp(-gv)) * ut[r * F + f] * s;
+      for (int64_t f = 0; f < F; f += dsv3::kLanes) {
+        const int64_t n = std::min(dsv3::kLanes, F - f), o = r * F + f;
+        const dsv3::Floats gv = dsv3::Load(gt + o, n);
+        dsv3::Store(ht + o, gv * dsv3::Sigmoid(gv) * dsv3::Load(ut + o, n) * s, n);
       }
     }
   });
@@ -200,30 +196,23 @@ ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   const auto groups = Groups(sizes, M);
   const auto units = RowUnits(groups);
   const int64_t filled = Filled(groups);
-  std::vector<float> dG(filled * F), dU(filled * F);
+  // scratch for dg, du: every filled row is written before it is read
+  std::unique_ptr<float[]> dG(new float[filled * F]), dU(new float[filled * F]);
   dsv3::Parallel(pool, units.size(), [&](int64_t i) {
     const Unit& t = units[i];
     for (int64_t r = t.start; r < t.start + t.rows; ++r) {
       const float s = ss[r];
       dsv3::Floats sums{};
-      float sum = 0.0f;
-      int64_t f = 0;
-      const int64_t o = r * F;
-      for (; f + dsv3::kLanes <= F; f += dsv3::kLanes) {
-        const dsv3::Floats gv = dsv3::Load(gs + o + f), uv = dsv3::Load(us + o + f);
-        const dsv3::Floats d = dsv3::Load(dhs + o + f), sg = dsv3::Sigmoid(gv);
+      for (int64_t f = 0; f < F; f += dsv3::kLanes) {
+        const int64_t n = std::min(dsv3::kLanes, F - f), o = r * F + f;
+        const dsv3::Floats gv = dsv3::Load(gs + o, n), uv = dsv3::Load(us + o, n);
+        const dsv3::Floats d = dsv3::Load(dhs + o, n), sg = dsv3::Sigmoid(gv);
         const dsv3::Floats silu = gv * sg;
-        sums += d * silu * uv;
-        dsv3::Store(&dU[o + f], d * s * silu);
-        dsv3::Store(&dG[o + f], d * s * uv * sg * (1.0f + gv * (1.0f - sg)));
+        sums += d * silu * uv;  // lanes past F load as 0
+        dsv3::Store(&dU[o], d * s * silu, n);
+        dsv3::Store(&dG[o], d * s * uv * sg * (1.0f + gv * (1.0f - sg)), n);
       }
-      for (; f < F; ++f) {
-        const float gv = gs[o + f], uv = us[o + f], d = dhs[o + f];
-        const float sg = 1.0f / (1.0f + std::exp(-gv));
-        sum += d * gv * sg * uv;
-        dU[o + f] = d * s * gv * sg;
-        dG[o + f] = d * s * uv * sg * (1.0f + gv * (1.0f - sg));
-      }
+      float sum = 0.0f;
       for (int64_t l = 0; l < dsv3::kLanes; ++l) sum += sums[l];
       dss[r] = sum;
     }
@@ -247,7 +236,7 @@ ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
       return;
     }
     scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, F, rows, 1.0f,
-                      xs + start * D, D, (i % 2 ? dU : dG).data() + start * F, F, 0.0f, out, F);
+                      xs + start * D, D, (i % 2 ? dU : dG).get() + start * F, F, 0.0f, out, F);
   });
   return ffi::Error::Success();
 }

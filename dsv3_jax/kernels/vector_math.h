@@ -42,4 +42,17 @@ inline Floats Load(const float* p) {
 
 inline void Store(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
 
+// The first n (≤ kLanes) lanes from p, the rest 0; and the first n lanes of v stored to p.
+inline Floats Load(const float* p, int64_t n) {
+  if (n == kLanes) return Load(p);
+  Floats v{};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
+inline void Store(float* p, Floats v, int64_t n) {
+  if (n == kLanes) return Store(p, v);
+  std::memcpy(p, &v, n * sizeof(float));
+}
+
 }  // namespace dsv3

@@ -30,6 +30,8 @@ from dsv3_jax import cpu_kernels
 def reference(c_kv, k_pe, q_latent, q_pe, positions, scale: float) -> jax.Array:
     """The formula in the module docstring, in float32 (what the kernel computes)."""
     f32 = lambda a: a.astype(jnp.float32)
+    if c_kv.ndim == 2:  # one sequence's cache, stored without its batch axis
+        c_kv, k_pe = c_kv[None], k_pe[None]
     scores = (jnp.einsum("BNTC,BSC->BNTS", f32(q_latent), f32(c_kv))
               + jnp.einsum("BNTR,BSR->BNTS", f32(q_pe), f32(k_pe))) * scale
     S = c_kv.shape[1]
@@ -45,16 +47,18 @@ def attend(c_kv: jax.Array, k_pe: jax.Array, q_latent: jax.Array, q_pe: jax.Arra
            positions: jax.Array, scale: float) -> jax.Array:
     """[B, N, T, C] float32: each query's attention over the cache slots at or before its
     position (module docstring). c_kv [B, S, C], k_pe [B, S, R], q_latent [B, N, T, C],
-    q_pe [B, N, T, R], positions [B, T] int. Check `cpu_kernels.runs_here`
-    first."""
-    B, S, C = c_kv.shape
-    if (k_pe.shape[:2] != (B, S) or q_latent.shape[0] != B or q_latent.shape[3] != C
-            or q_pe.shape != q_latent.shape[:3] + k_pe.shape[2:]
+    q_pe [B, N, T, R], positions [B, T] int; a one-sequence cache may come without its batch
+    axis (c_kv [S, C], k_pe [S, R]: `mla.LatentCache.squeeze`, read where it is stored). Check
+    `cpu_kernels.runs_here` first."""
+    B = c_kv.shape[0] if c_kv.ndim == 3 else 1
+    if (c_kv.ndim not in (2, 3) or k_pe.shape[:-1] != c_kv.shape[:-1]
+            or q_latent.ndim != 4 or q_latent.shape[0] != B or q_latent.shape[3] != c_kv.shape[-1]
+            or q_pe.shape != q_latent.shape[:3] + k_pe.shape[-1:]
             or positions.shape != (B, q_latent.shape[2])):
         raise ValueError(f"latent_attention.attend: c_kv {c_kv.shape}, k_pe {k_pe.shape}, "
                          f"q_latent {q_latent.shape}, q_pe {q_pe.shape}, positions "
                          f"{positions.shape}: expected [B, S, C], [B, S, R], [B, N, T, C], "
-                         "[B, N, T, R], [B, T]")
+                         "[B, N, T, R], [B, T] (or a one-sequence cache [S, C], [S, R])")
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use latent_attention.reference")

@@ -191,14 +191,13 @@ class MLA(nn.Module):
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
             q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
             q_pe = jnp.swapaxes(q_pe, 1, 2)  # [B, N, T, R], as q_latent
-            # a one-sequence cache stored without its batch axis (`LatentCache.squeeze`) stays
-            # with the products: XLA:CPU copied it whole before the kernel call every step
-            squeezed = isinstance(cache, LatentCache) and cache.c_kv.ndim == 2
-            if not squeezed and cpu_kernels.runs_here(view.c_kv.dtype, q_latent.dtype,
-                                                      q_pe.dtype):
-                # one CPU kernel call: both score products, the masked softmax, the values
+            if cpu_kernels.runs_here(view.c_kv.dtype, q_latent.dtype, q_pe.dtype):
+                # one CPU kernel call: both score products, the masked softmax, the values. A
+                # one-sequence cache stored without its batch axis (`LatentCache.squeeze`) goes
+                # in as stored: read through its [None] view, XLA:CPU copied it every step
+                read = cache if isinstance(cache, LatentCache) else view
                 out_latent = latent_attention.attend(
-                    view.c_kv, view.k_pe, q_latent, q_pe, positions,
+                    read.c_kv, read.k_pe, q_latent, q_pe, positions,
                     softmax_scale(self.config)).astype(dtype)
             else:
                 # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored

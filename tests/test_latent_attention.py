@@ -27,12 +27,14 @@ def _numpy(c_kv, k_pe, q_latent, q_pe, positions, scale):
 
 
 @pytest.mark.parametrize("B, S, C, R, N, T", [(1, 17, 8, 4, 3, 1), (3, 40, 16, 8, 4, 2),
-                                              (2, 129, 32, 16, 2, 5)])
+                                              (2, 129, 32, 16, 2, 5), (1, 301, 12, 6, 5, 3)])
 def test_kernel_matches_a_loop_and_its_gradient_the_formulas(B, S, C, R, N, T):
     """Random cache and queries, each query at its own position (some early in the cache:
-    the slots after it must not count): the kernel equals the NumPy loop to fp32 noise
-    (≤ 1e-5 of the largest value) and the pure-JAX `reference`; its gradient (the formula's,
-    through `jax.custom_jvp`) equals the reference's."""
+    the slots after it must not count), head dims and slot counts that are not whole vector
+    lanes or score tiles: the kernel equals the NumPy loop to fp32 noise (≤ 1e-5 of the
+    largest value) and the pure-JAX `reference`, and so does a one-sequence cache passed
+    without its batch axis; its gradient (the formula's, through `jax.custom_jvp`) equals the
+    reference's."""
     assert cpu_kernels.runs_here(jnp.float32)
     rng = np.random.default_rng(B * S)
     c_kv, k_pe = rng.standard_normal((B, S, C)), rng.standard_normal((B, S, R))
@@ -48,6 +50,11 @@ def test_kernel_matches_a_loop_and_its_gradient_the_formulas(B, S, C, R, N, T):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(got, np.asarray(latent_attention.reference(*args, 0.2)),
                                rtol=0, atol=1e-5 * np.abs(want).max())
+    if B == 1:
+        stored = jax.jit(latent_attention.attend, static_argnums=5)(args[0][0], args[1][0],
+                                                                     *args[2:], 0.2)
+        np.testing.assert_allclose(np.asarray(stored), want, rtol=0,
+                                   atol=1e-5 * np.abs(want).max())
     probe = jnp.asarray(rng.standard_normal(got.shape), jnp.float32)
 
     def grads(fn):
@@ -67,3 +74,5 @@ def test_bad_shapes_are_refused_by_name():
         latent_attention.attend(c, k, jnp.zeros((2, 3, 1, 7)), p, pos, 1.0)
     with pytest.raises(ValueError, match=r"positions \(2, 2\)"):
         latent_attention.attend(c, k, q, p, jnp.zeros((2, 2), jnp.int32), 1.0)
+    with pytest.raises(ValueError, match=r"c_kv \(9, 8\).*one-sequence cache \[S, C\]"):
+        latent_attention.attend(c[0], k[0], q, p, pos, 1.0)  # two sequences' queries

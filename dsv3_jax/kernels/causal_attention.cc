@@ -25,16 +25,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using dsv3::Exp;
-using dsv3::Floats;
+using dsv3::ExpShifted;
 using dsv3::kLanes;
-using dsv3::Load;
-using dsv3::Store;
+using dsv3::MaxOf;
+using dsv3::Padded;
 
 constexpr int64_t kQueryBlock = 64;
-
-// n rounded up to whole lanes: the row stride of a score buffer.
-inline int64_t Padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // Where one (sequence, head)'s operands start, and their row strides.
 struct Head {
@@ -80,31 +76,13 @@ void Softmax(float* P, int64_t rows, int64_t ld, int64_t t0, const int32_t* pos,
     float* row = P + r * ld;
     const int64_t t = t0 + r;
     const int32_t pt = pos[t];
-    const int64_t seen = (t + kLanes) / kLanes * kLanes;  // whole lanes covering 0..t
+    const int64_t seen = Padded(t + 1);  // whole lanes covering 0..t
     for (int64_t s = 0; s <= t; ++s) row[s] = pos[s] <= pt ? row[s] : -INFINITY;
     std::fill(row + t + 1, row + seen, -INFINITY);
-    float shift;
-    if (lse) {
-      shift = lse[t];
-    } else {
-      Floats m = Load(row);
-      for (int64_t s = kLanes; s < seen; s += kLanes) {
-        const Floats x = Load(row + s);
-        m = m < x ? x : m;
-      }
-      shift = m[0];
-      for (int64_t i = 1; i < kLanes; ++i) shift = std::max(shift, m[i]);
-    }
-    Floats sums{};
-    for (int64_t s = 0; s < seen; s += kLanes) {
-      const Floats e = Exp(Load(row + s) - shift);
-      Store(row + s, e);
-      sums += e;
-    }
+    const float shift = lse ? lse[t] : MaxOf(row, seen);
+    const float sum = ExpShifted(row, seen, shift);
     std::fill(row + seen, row + ld, 0.0f);
     if (!lse) {
-      float sum = 0.0f;
-      for (int64_t i = 0; i < kLanes; ++i) sum += sums[i];
       lse_out[t] = shift + std::log(sum);
       inv_sum[r] = 1.0f / sum;
     }

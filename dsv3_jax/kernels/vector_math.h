@@ -55,4 +55,32 @@ inline void Store(float* p, Floats v, int64_t n) {
   std::memcpy(p, &v, n * sizeof(float));
 }
 
+// n rounded up to whole lanes (the row stride of a buffer read and written by whole lanes).
+inline int64_t Padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The largest of x[0, n), n a positive multiple of kLanes.
+inline float MaxOf(const float* x, int64_t n) {
+  Floats m = Load(x);
+  for (int64_t s = kLanes; s < n; s += kLanes) {
+    const Floats v = Load(x + s);
+    m = m < v ? v : m;
+  }
+  float top = m[0];
+  for (int64_t i = 1; i < kLanes; ++i) top = top < m[i] ? m[i] : top;
+  return top;
+}
+
+// x[s] = exp(x[s] − shift) for s < n (a multiple of kLanes), in place; returns their sum.
+inline float ExpShifted(float* x, int64_t n, float shift) {
+  Floats sums{};
+  for (int64_t s = 0; s < n; s += kLanes) {
+    const Floats e = Exp(Load(x + s) - shift);
+    Store(x + s, e);
+    sums += e;
+  }
+  float sum = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) sum += sums[i];
+  return sum;
+}
+
 }  // namespace dsv3

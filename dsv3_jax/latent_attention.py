@@ -9,11 +9,13 @@ query attends over the cache itself:
 
 On XLA:CPU these are skinny batched products (`[S, C] × [C, N·T]` per sequence) that stream the
 cache at a fraction of the memory bandwidth, with the mask, max, exp and sums as separate
-passes. `attend` runs them as one FFI call (`kernels/latent_attention.cc`): per sequence (its
-rows split over XLA's pool at small batches) two OpenBLAS products into one score buffer, the
-masked softmax in place, one product with the cache, the division by the sums. Inference only:
-its gradient (`jax.custom_jvp`) is that of the pure-JAX formula, which also runs wherever the
-kernel does not (`cpu_kernels.runs_here`: float32 on one CPU device).
+passes. `attend` runs them as one FFI call (`kernels/latent_attention.cc`): per sequence the
+scores by register-tiled loops over the slots its queries reach, the masked softmax in place
+in vector lanes, one product with the cache, the division by the sums; with fewer sequences
+than threads, a long cache's slots are split over the threads and the pieces' partial
+softmaxes combined (FlashDecoding), a short one's queries. Inference only: its gradient
+(`jax.custom_jvp`) is that of the pure-JAX formula, which also runs wherever the kernel does
+not (`cpu_kernels.runs_here`: float32 on one CPU device).
 """
 
 from __future__ import annotations

@@ -27,14 +27,16 @@ def _numpy(c_kv, k_pe, q_latent, q_pe, positions, scale):
 
 
 @pytest.mark.parametrize("B, S, C, R, N, T", [(1, 17, 8, 4, 3, 1), (3, 40, 16, 8, 4, 2),
-                                              (2, 129, 32, 16, 2, 5), (1, 301, 12, 6, 5, 3)])
+                                              (2, 129, 32, 16, 2, 5), (1, 301, 12, 6, 5, 3),
+                                              (1, 700, 12, 6, 5, 3), (2, 600, 16, 8, 2, 2)])
 def test_kernel_matches_a_loop_and_its_gradient_the_formulas(B, S, C, R, N, T):
     """Random cache and queries, each query at its own position (some early in the cache:
     the slots after it must not count), head dims and slot counts that are not whole vector
-    lanes or score tiles: the kernel equals the NumPy loop to fp32 noise (≤ 1e-5 of the
-    largest value) and the pure-JAX `reference`, and so does a one-sequence cache passed
-    without its batch axis; its gradient (the formula's, through `jax.custom_jvp`) equals the
-    reference's."""
+    lanes or score tiles, long caches at one or two sequences (their slots split over the
+    threads, the pieces' partial softmaxes combined): the kernel equals the NumPy loop to
+    fp32 noise (≤ 1e-5 of the largest value) and the pure-JAX `reference`, and so does a
+    one-sequence cache passed without its batch axis; its gradient (the formula's, through
+    `jax.custom_jvp`) equals the reference's."""
     assert cpu_kernels.runs_here(jnp.float32)
     rng = np.random.default_rng(B * S)
     c_kv, k_pe = rng.standard_normal((B, S, C)), rng.standard_normal((B, S, R))

@@ -1,9 +1,10 @@
 // Absorbed MLA decode attention over the latent cache, float32, as an XLA FFI handler: per
-// sequence b, scores = q_latent · c_kvᵀ + q_pe · k_peᵀ (two OpenBLAS sgemm into one buffer)
-// against the slots its queries can reach, scaled, masked to the keys at or before each
-// query's position, exp(s − max) in vector lanes, then out = exp-weights · c_kv /
-// Σ exp-weights. Built and registered by dsv3_jax/cpu_kernels.py; called by
-// dsv3_jax/latent_attention.py (dimension key there).
+// sequence b, scores = q_latent · c_kvᵀ + q_pe · k_peᵀ (register-tiled loops) against the
+// slots its queries can reach, scaled, masked to the keys at or before each query's
+// position, exp(s − max) in vector lanes, then out = exp-weights · c_kv / Σ exp-weights (one
+// sgemm). With fewer sequences than threads a long cache's slots are split into pieces whose
+// partial softmaxes are combined (FlashDecoding). Built and registered by
+// dsv3_jax/cpu_kernels.py; called by dsv3_jax/latent_attention.py (dimension key there).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,7 +24,7 @@ using dsv3::kLanes;
 using dsv3::Load;
 
 constexpr int kSlots = 4;  // slots per register tile of the score loop (kRows rows)
-constexpr int kRows = 2;
+constexpr int kRows = 4;
 
 // The lanes of each of four vectors summed: [Σ v0, ·, Σ v2, ·, Σ v1, ·, Σ v3, ·].
 inline Floats Sum4(Floats v0, Floats v1, Floats v2, Floats v3) {
@@ -94,6 +95,49 @@ void Scores(const float* a, const float* b, const float* x, const float* y, int6
   }
 }
 
+// Fewest slots per piece when a sequence's slots are split over the threads.
+constexpr int64_t kMinSlots = 256;
+// Most rows per sequence for which its slots are split (each piece keeps a partial output of
+// every row: [pieces, rows, C] of scratch).
+constexpr int64_t kMaxSplitRows = 256;
+
+// One sequence's operands, and the slots each of its rows sees: [0, visible[i]) (0: a row at
+// a position < 0, which averages all S slots alike, as the JAX path).
+struct Sequence {
+  const float *q, *qp, *ckv, *kpe;  // rows [rows, C], [rows, R]; cache [S, C], [S, R]
+  const int64_t* visible;
+};
+
+// For rows [0, n) of s over slots [s0, s1): o[i] = Σ_s exp(score − top_i) c_kv[s] (o [n, C]),
+// top[i] the row's largest visible score (−inf: none in the range), sum[i] = Σ_s
+// exp(score − top_i).
+void Partial(const Sequence& s, int64_t n, int64_t s0, int64_t s1, int64_t C, int64_t R,
+             float scale, float* o, float* top, float* sum) {
+  const int64_t m = s1 - s0, ld = dsv3::Padded(m);
+  std::vector<float> scores(n * ld);
+  Scores(s.q, s.qp, s.ckv + s0 * C, s.kpe + s0 * R, n, m, C, R, scale, scores.data(), ld);
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = scores.data() + i * ld;
+    const int64_t seen_here = std::clamp<int64_t>(s.visible[i] - s0, 0, m);
+    if (s.visible[i] == 0) {
+      std::fill(row, row + ld, 0.0f);
+      std::fill(row, row + m, 1.0f);
+      top[i] = 0.0f, sum[i] = static_cast<float>(m);
+    } else if (seen_here == 0) {
+      std::fill(row, row + ld, 0.0f);
+      top[i] = -INFINITY, sum[i] = 0.0f;
+    } else {
+      const int64_t lanes = dsv3::Padded(seen_here);  // whole lanes, the tail masked
+      std::fill(row + seen_here, row + lanes, -INFINITY);
+      top[i] = dsv3::MaxOf(row, lanes);
+      sum[i] = dsv3::ExpShifted(row, lanes, top[i]);
+      std::fill(row + lanes, row + ld, 0.0f);
+    }
+  }
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, m, 1.0f, scores.data(),
+                    ld, s.ckv + s0 * C, C, 0.0f, o, C);
+}
+
 ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c_kv,
                            ffi::Buffer<ffi::F32> k_pe, ffi::Buffer<ffi::F32> q_latent,
                            ffi::Buffer<ffi::F32> q_pe, ffi::Buffer<ffi::S32> positions,
@@ -103,44 +147,74 @@ ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c_kv,
   const int64_t B = qd[0], S = cd[cd.size() - 2], C = cd[cd.size() - 1];
   const int64_t R = k_pe.dimensions()[k_pe.dimensions().size() - 1];
   const int64_t N = qd[1], T = qd[2], rows = N * T;
+  std::vector<int64_t> visible(B * rows), reach(B, 0);  // reach: the slots any row sees
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t v = std::clamp<int64_t>(positions.typed_data()[b * T + i % T] + 1, 0, S);
+      visible[b * rows + i] = v;
+      reach[b] = std::max(reach[b], v == 0 ? S : v);
+    }
+  auto sequence = [&](int64_t b, int64_t r0) {
+    return Sequence{q_latent.typed_data() + (b * rows + r0) * C,
+                    q_pe.typed_data() + (b * rows + r0) * R, c_kv.typed_data() + b * S * C,
+                    k_pe.typed_data() + b * S * R, visible.data() + b * rows + r0};
+  };
+  float* result = out->typed_data();
+  // Fewer sequences than twice the threads: each sequence's slots are split into pieces
+  // (with few rows) or its rows are (with many).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t pieces = std::min<int64_t>(rows, std::max<int64_t>(1, (2 * threads + B - 1) / B));
-  const int32_t* pos = positions.typed_data();
-  dsv3::Parallel(pool, B * pieces, [&](int64_t unit) {
-    const int64_t b = unit / pieces, p = unit % pieces;
-    const int64_t r0 = rows * p / pieces, r1 = rows * (p + 1) / pieces, n = r1 - r0;
-    if (n == 0) return;
-    // the slots these rows see: [0, visible) each; a row that sees none (a position < 0)
-    // averages all S of them alike, as the JAX path
-    std::vector<int64_t> visible(n);
-    int64_t reach = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      visible[i] = std::clamp<int64_t>(pos[b * T + (r0 + i) % T] + 1, 0, S);
-      reach = std::max(reach, visible[i] == 0 ? S : visible[i]);
-    }
-    const int64_t ld = dsv3::Padded(reach);
-    std::vector<float> scores(n * ld), sums(n);
-    const float* ckv = c_kv.typed_data() + b * S * C;
-    const float* kpe = k_pe.typed_data() + b * S * R;
-    Scores(q_latent.typed_data() + (b * rows + r0) * C, q_pe.typed_data() + (b * rows + r0) * R,
-           ckv, kpe, n, reach, C, R, scale, scores.data(), ld);
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = scores.data() + i * ld;
-      if (visible[i] == 0) {
-        std::fill(row, row + reach, 1.0f);
-        sums[i] = static_cast<float>(reach);
-        continue;
+  const int64_t wanted = std::max<int64_t>(1, (2 * threads + B - 1) / B);
+  const int64_t longest = *std::max_element(reach.begin(), reach.end());
+  const int64_t slot_pieces = std::clamp<int64_t>(longest / kMinSlots, 1, wanted);
+  if (slot_pieces > 1 && rows <= kMaxSplitRows) {
+    // each piece's partial results, then per row: out = Σ_p e_p o_p / Σ_p e_p sum_p with
+    // e_p = exp(top_p − max_p top_p) (FlashDecoding's split of the keys)
+    const int64_t P = slot_pieces;
+    std::vector<float> o(B * P * rows * C), top(B * P * rows), sum(B * P * rows);
+    dsv3::Parallel(pool, B * P, [&](int64_t unit) {
+      const int64_t b = unit / P, p = unit % P;
+      const int64_t s0 = reach[b] * p / P, s1 = reach[b] * (p + 1) / P;
+      float *po = o.data() + unit * rows * C, *pt = top.data() + unit * rows;
+      float* ps = sum.data() + unit * rows;
+      if (s1 == s0) {
+        std::fill(pt, pt + rows, -INFINITY);
+        std::fill(ps, ps + rows, 0.0f);
+        std::fill(po, po + rows * C, 0.0f);
+        return;
       }
-      const int64_t seen = dsv3::Padded(visible[i]);  // whole lanes, the tail masked
-      std::fill(row + visible[i], row + seen, -INFINITY);
-      sums[i] = dsv3::ExpShifted(row, seen, dsv3::MaxOf(row, seen));
-      std::fill(row + seen, row + ld, 0.0f);
-    }
-    float* o = out->typed_data() + (b * rows + r0) * C;
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, reach, 1.0f,
-                      scores.data(), ld, ckv, C, 0.0f, o, C);
+      Partial(sequence(b, 0), rows, s0, s1, C, R, scale, po, pt, ps);
+    });
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t at = b * P * rows + i;  // piece p's entry: at + p · rows
+        float most = -INFINITY, total = 0.0f;
+        for (int64_t p = 0; p < P; ++p) most = std::max(most, top[at + p * rows]);
+        float* row = result + (b * rows + i) * C;
+        std::fill(row, row + C, 0.0f);
+        for (int64_t p = 0; p < P; ++p) {
+          if (sum[at + p * rows] == 0.0f) continue;
+          const float e = std::exp(top[at + p * rows] - most);
+          total += e * sum[at + p * rows];
+          const float* po = o.data() + (at + p * rows) * C;
+          for (int64_t c = 0; c < C; ++c) row[c] += e * po[c];
+        }
+        for (int64_t c = 0; c < C; ++c) row[c] /= total;  // total ≥ 1: its top's exp(0)
+      }
+    return ffi::Error::Success();
+  }
+  const int64_t row_pieces = std::min(rows, wanted);
+  dsv3::Parallel(pool, B * row_pieces, [&](int64_t unit) {
+    const int64_t b = unit / row_pieces, p = unit % row_pieces;
+    const int64_t r0 = rows * p / row_pieces, n = rows * (p + 1) / row_pieces - r0;
+    if (n == 0) return;
+    const Sequence s = sequence(b, r0);
+    int64_t most = 0;  // the slots these rows see
+    for (int64_t i = 0; i < n; ++i) most = std::max(most, s.visible[i] == 0 ? S : s.visible[i]);
+    std::vector<float> top(n), sum(n);
+    float* o = result + (b * rows + r0) * C;
+    Partial(s, n, 0, most, C, R, scale, o, top.data(), sum.data());
     for (int64_t i = 0; i < n; ++i) {
-      const float inv = 1.0f / sums[i];  // ≥ 1: the row's largest weight is exp(0)
+      const float inv = 1.0f / sum[i];  // ≥ 1: the row's largest weight is exp(0)
       for (int64_t c = 0; c < C; ++c) o[i * C + c] *= inv;
     }
   });

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from dsv3_jax import cpu_kernels, fused_attention, latent_attention
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Einsum, RMSNorm, dtype_of, product
+from dsv3_jax.layers import Einsum, RMSNorm, Weight, dtype_of, product, project
 from dsv3_jax.rope import apply_rope, softmax_scale
 
 # Rows up to which per-row cache writes (one index per sequence) are unrolled slice updates;
@@ -54,6 +54,20 @@ def write_entries(buf: jax.Array, new: jax.Array, index: jax.Array, at: tuple = 
         return buf
     return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (*at, i, 0)),
                     in_axes=(len(at), len(at), 0), out_axes=len(at))(buf, new, index)
+
+
+# The variable collection of an MLA layer's absorbed-decode kernels with the heads first: "k"
+# = kv_b_proj_k's [C, N, H] as [N, H, C], "v" = kv_b_proj_v's [C, N, A] as [N, C, A]; made
+# once by `absorbed_kernels` for a decode loop (`dsv3_jax.unstacked`), used when present
+# (without an FP8 recipe, which scales the stored kernels).
+ABSORBED = "absorbed"
+
+
+def absorbed_kernels(attention_params: dict) -> dict:
+    """The `ABSORBED` collection of one MLA layer from its params."""
+    k = attention_params["kv_b_proj_k"]["kernel"]
+    v = attention_params["kv_b_proj_v"]["kernel"]
+    return {"k": jnp.transpose(k, (1, 2, 0)), "v": jnp.transpose(v, (1, 0, 2))}
 
 
 @flax.struct.dataclass
@@ -189,7 +203,14 @@ class MLA(nn.Module):
             S = view.c_kv.shape[1]
             key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
             mask = key_pos <= positions[:, :, None]  # [B, T, S]
-            q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
+            # the decode layout's copies of kv_b's kernels with heads first (`ABSORBED`): as
+            # stored, each absorbed product transposed its kernel on every step
+            heads_first = self.config.fp8 == "none" and self.has_variable(ABSORBED, "k")
+            if heads_first:
+                kernel = lambda name: Weight(self.get_variable(ABSORBED, name))
+                q_latent = project("BNTH,NHC->BNTC", q_nope, kernel("k"), self.config)
+            else:
+                q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
             q_pe = jnp.swapaxes(q_pe, 1, 2)  # [B, N, T, R], as q_latent
             if cpu_kernels.runs_here(view.c_kv.dtype, q_latent.dtype, q_pe.dtype):
                 # one CPU kernel call: both score products, the masked softmax, the values. A
@@ -207,7 +228,10 @@ class MLA(nn.Module):
                                        (0, 2, 3, 1))
                 out_latent = _masked_attend(scores, mask, "BNTS,BSC->BNTC", view.c_kv,
                                             self.config)
-            out = self.kv_b_proj_v("BNTC,CNA->BNTA", out_latent)
+            if heads_first:
+                out = project("BNTC,NCA->BNTA", out_latent, kernel("v"), self.config)
+            else:
+                out = self.kv_b_proj_v("BNTC,CNA->BNTA", out_latent)
         else:
             k_nope = self.kv_b_proj_k("BSC,CNH->BNSH", c_kv)
             v = self.kv_b_proj_v("BSC,CNA->BNSA", c_kv)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.backends import platform
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.mla import ABSORBED, absorbed_kernels
 from dsv3_jax.model import (
     Block,
     DeepSeekV3,
@@ -52,20 +53,27 @@ class Unstacked:
     rest: dict  # {collection: tree} without dense_layers / moe_layers
 
 
-def _layers(variables: dict, name: str, length: int) -> tuple:
+def _layers(config: ModelConfig, variables: dict, name: str, length: int) -> tuple:
     stacks = {col: tree[name] for col, tree in variables.items() if name in tree}
-    return tuple(jax.tree.map(lambda a, i=i: a[i], stacks) for i in range(length))
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacks) for i in range(length))
+    if config.fp8 != "none":
+        return layers
+    # the absorbed decode's kv_b kernels heads-first, made once (`mla.ABSORBED`)
+    return tuple({**layer, ABSORBED: {"self_attn": absorbed_kernels(
+        layer["params"]["self_attn"])}} for layer in layers)
 
 
 def unstack_variables(config: ModelConfig, variables: dict) -> Unstacked:
     """Splits the layer stacks of `DeepSeekV3` variables (boxed or plain) into per-layer ones:
-    one copy of the weights, made once (call it outside the decode loop)."""
+    one copy of the weights, made once (call it outside the decode loop); without an FP8
+    recipe each layer also holds its absorbed-decode kernels heads-first (`mla.ABSORBED`)."""
     variables = nn.unbox(variables)
     names = {name for _, name, _ in _STACKS}
     rest = {col: {k: v for k, v in tree.items() if k not in names}
             for col, tree in variables.items()}
-    return Unstacked(dense=_layers(variables, "dense_layers", config.num_dense_layers),
-                     moe=_layers(variables, "moe_layers", config.num_moe_layers), rest=rest)
+    return Unstacked(dense=_layers(config, variables, "dense_layers", config.num_dense_layers),
+                     moe=_layers(config, variables, "moe_layers", config.num_moe_layers),
+                     rest=rest)
 
 
 def unstack_cache(cache: dict) -> dict:

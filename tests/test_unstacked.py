@@ -21,6 +21,7 @@ from dsv3_jax import (
     init_variables,
     unstacked,
 )
+from dsv3_jax.mla import ABSORBED
 
 TINY = ModelConfig.preset("tiny")
 CONFIGS = {
@@ -41,7 +42,9 @@ def close(got, want, what):
 
 @pytest.mark.parametrize("name, B", [(name, 3) for name in CONFIGS] + [("dense+moe", 1)])
 def test_unstacked_forward_equals_the_scanned_model(name, B):
-    """B = 1: the per-layer caches drop their batch axis (`LatentCache.squeeze`)."""
+    """B = 1: the per-layer caches drop their batch axis (`LatentCache.squeeze`). Without an
+    FP8 recipe the step's absorbed products read the layers' heads-first kernel copies
+    (`mla.ABSORBED`), the scanned model the stored kernels."""
     c = CONFIGS[name]
     T, S = 6, 12
     variables = flax.core.unfreeze(nn.unbox(init_variables(c, jax.random.key(0))))
@@ -50,6 +53,7 @@ def test_unstacked_forward_equals_the_scanned_model(name, B):
                                                                          bias.shape)
     layers = unstacked.unstack_variables(c, variables)
     assert len(layers.dense) == c.num_dense_layers and len(layers.moe) == c.num_moe_layers
+    assert all((ABSORBED in layer) == (c.fp8 == "none") for layer in layers.dense + layers.moe)
     net = DeepSeekV3(c)
     tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, c.vocab_size)
     index = jnp.array([T, T - 2, T - 5][:B], jnp.int32)  # one place per row for the step

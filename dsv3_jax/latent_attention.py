@@ -61,6 +61,11 @@ def attend(c_kv: jax.Array, k_pe: jax.Array, q_latent: jax.Array, q_pe: jax.Arra
                          f"q_latent {q_latent.shape}, q_pe {q_pe.shape}, positions "
                          f"{positions.shape}: expected [B, S, C], [B, S, R], [B, N, T, C], "
                          "[B, N, T, R], [B, T] (or a one-sequence cache [S, C], [S, R])")
+    if 0 in (c_kv.shape[-2], c_kv.shape[-1], k_pe.shape[-1]):
+        raise ValueError(f"latent_attention.attend: c_kv {c_kv.shape}, k_pe {k_pe.shape}: the "
+                         "cache's slots S and dims C, R must be positive")
+    if q_latent.size == 0:  # no queries: nothing to attend
+        return jnp.zeros(q_latent.shape, jnp.float32)
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use latent_attention.reference")

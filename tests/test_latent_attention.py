@@ -78,3 +78,8 @@ def test_bad_shapes_are_refused_by_name():
         latent_attention.attend(c, k, q, p, jnp.zeros((2, 2), jnp.int32), 1.0)
     with pytest.raises(ValueError, match=r"c_kv \(9, 8\).*one-sequence cache \[S, C\]"):
         latent_attention.attend(c[0], k[0], q, p, pos, 1.0)  # two sequences' queries
+    with pytest.raises(ValueError, match=r"c_kv \(2, 0, 8\).*must be positive"):
+        latent_attention.attend(jnp.zeros((2, 0, 8)), jnp.zeros((2, 0, 4)), q, p, pos, 1.0)
+    empty = latent_attention.attend(c, k, jnp.zeros((2, 3, 0, 8)), jnp.zeros((2, 3, 0, 4)),
+                                    jnp.zeros((2, 0), jnp.int32), 1.0)
+    assert empty.shape == (2, 3, 0, 8)  # no queries: an empty result, no kernel call

@@ -200,17 +200,15 @@ class MLA(nn.Module):
             cache = cache.write(c_kv, k_pe, cache_index)
         if cache is not None and absorb:
             view = cache.view()
-            S = view.c_kv.shape[1]
-            key_pos = jnp.arange(S)[None, None, :]  # cache slot s holds position s
-            mask = key_pos <= positions[:, :, None]  # [B, T, S]
             # the decode layout's copies of kv_b's kernels with heads first (`ABSORBED`): as
             # stored, each absorbed product transposed its kernel on every step
-            heads_first = self.config.fp8 == "none" and self.has_variable(ABSORBED, "k")
-            if heads_first:
-                kernel = lambda name: Weight(self.get_variable(ABSORBED, name))
-                q_latent = project("BNTH,NHC->BNTC", q_nope, kernel("k"), self.config)
+            if self.config.fp8 == "none" and self.has_variable(ABSORBED, "k"):
+                k, v = (Weight(self.get_variable(ABSORBED, n)) for n in ("k", "v"))
+                k_eqn, v_eqn = "BNTH,NHC->BNTC", "BNTC,NCA->BNTA"
             else:
-                q_latent = self.kv_b_proj_k("BNTH,CNH->BNTC", q_nope)
+                k, v = self.kv_b_proj_k.weight(), self.kv_b_proj_v.weight()
+                k_eqn, v_eqn = "BNTH,CNH->BNTC", "BNTC,CNA->BNTA"
+            q_latent = project(k_eqn, q_nope, k, self.config)
             q_pe = jnp.swapaxes(q_pe, 1, 2)  # [B, N, T, R], as q_latent
             if cpu_kernels.runs_here(view.c_kv.dtype, q_latent.dtype, q_pe.dtype):
                 # one CPU kernel call: both score products, the masked softmax, the values. A
@@ -221,6 +219,8 @@ class MLA(nn.Module):
                     read.c_kv, read.k_pe, q_latent, q_pe, positions,
                     softmax_scale(self.config)).astype(dtype)
             else:
+                key_pos = jnp.arange(view.c_kv.shape[1])[None, None, :]  # slot s: position s
+                mask = key_pos <= positions[:, :, None]  # [B, T, S]
                 # the cache as the left operand ([S, C] · [C, N·T]): it is read in its stored
                 # layout, where [N·T, C] · [S, C]ᵀ makes XLA:CPU copy it transposed every step
                 scores = jnp.transpose(product("BSC,BNTC->BSNT", view.c_kv, q_latent, dtype)
@@ -228,10 +228,7 @@ class MLA(nn.Module):
                                        (0, 2, 3, 1))
                 out_latent = _masked_attend(scores, mask, "BNTS,BSC->BNTC", view.c_kv,
                                             self.config)
-            if heads_first:
-                out = project("BNTC,NCA->BNTA", out_latent, kernel("v"), self.config)
-            else:
-                out = self.kv_b_proj_v("BNTC,CNA->BNTA", out_latent)
+            out = project(v_eqn, out_latent, v, self.config)
         else:
             k_nope = self.kv_b_proj_k("BSC,CNH->BNSH", c_kv)
             v = self.kv_b_proj_v("BSC,CNA->BNSA", c_kv)

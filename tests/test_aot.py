@@ -173,10 +173,12 @@ def test_matmul_flops_of_a_scanned_tpu_program_count_every_iteration():
 
 @pytest.mark.slow
 def test_remat_and_compute_dtype_change_the_temporaries():
+    """Full remat keeps < 0.8 of no remat's temporaries, bfloat16 compute < 0.9 of float32's
+    (measured 0.67 and 0.64 at 3 layers; 5 layers took twice the compile time)."""
     temporaries = {}
     for remat, dtype in [("none", "float32"), ("full", "float32"), ("full", "bfloat16")]:
         config = tiny.get_config()  # long sequences: activations dominate the temporaries
-        config.model.update(num_hidden_layers=5, remat_policy=remat, dtype=dtype)
+        config.model.update(num_hidden_layers=3, remat_policy=remat, dtype=dtype)
         config.batch_size, config.seq_len = 16, 512
         config.mesh.data = 4
         chip, chips = tpu.parse_topology("v5p:2x2x1")

@@ -11,6 +11,10 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
+# the benchmarks time compiles and steps: run them without the suite's compilation cache
+# (conftest.py), on one CPU device
+BENCH_ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+             "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
     "compile_time": (["--layers", "2"], {
         "benchmark", "preset", "seconds", "ratio", "depth_ratio"}),
@@ -59,8 +63,7 @@ def test_every_benchmark_is_covered():
 def test_benchmark_smoke(name):
     args, keys = RUNS[name]
     r = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                       capture_output=True, text=True, timeout=600, env=BENCH_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines, r.stdout[-2000:]

@@ -75,13 +75,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.A
     freqs, attention_factor = inv_freq(config)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)  # [B, T, R/2]
     angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[2:])
-    # per lane: cos of its pair's angle; sin signed − on a pair's first lane, + on its second
-    cos = jnp.repeat(jnp.cos(angles) * attention_factor, 2, axis=-1)  # [B, T, (1,) R]
-    sin = jnp.repeat(jnp.sin(angles) * attention_factor, 2, axis=-1) * jnp.tile(
-        jnp.asarray([-1.0, 1.0], jnp.float32), x.shape[-1] // 2)
-    # (x0, x1) → (x0·cos − x1·sin, x1·cos + x0·sin) as x·cos + swap(x)·sin: one elementwise
-    # fusion each way (taking x0 and x1 apart and stacking them made the backward pass pad and
-    # add the two halves' gradients: ~5 thunk-ms a layer of a bench train step)
-    xf = x.astype(jnp.float32)
-    swapped = jnp.flip(xf.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2)), -1).reshape(x.shape)
-    return (xf * cos + swapped * sin).astype(x.dtype)
+    cos = jnp.cos(angles) * attention_factor
+    sin = jnp.sin(angles) * attention_factor
+    pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
-# the benchmarks time compiles and steps: run them without the suite's compilation cache
-# (conftest.py), on one CPU device
+# the benchmarks time compiles and steps: run them without the suite's compilation cache and
+# XLA flags (conftest.py), i.e. on one CPU device at XLA's default optimization level
 BENCH_ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
              "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
 RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)

@@ -97,9 +97,10 @@ def test_dualpipe_with_data_parallel_matches(weights):
 @pytest.mark.parametrize("name, pp, k", [(n, pp, k) for n in ("1f1b", "dualpipe", "dualpipev")
                                          for pp, k in ((2, 3), (4, 2))])
 def test_schedule_matches_unpipelined(weights, name, pp, k):
-    """Each schedule at 2 and 4 stages with 3 and 2 micro-batches per stage (pp 2 with 2 per
-    stage: test_dualpipe_with_data_parallel_matches). The tables themselves are validated for
-    every pp ≤ 16 with several micro-batch counts in test_pipeline_schedules.py."""
+    """Each schedule at 2 and 4 stages with 3 and 2 micro-batches per stage (DualPipe at pp 2
+    with 2 per stage and data 2: test_dualpipe_with_data_parallel_matches). The tables
+    themselves are validated for every pp ≤ 16 with several micro-batch counts in
+    test_pipeline_schedules.py."""
     _check(weights, name, pp, k * pp)
 
 

@@ -1,8 +1,10 @@
 """dsv3-jax: DeepSeek-V3 in JAX/Flax."""
 
 from dsv3_jax.backends import skip_absent_tpu
+from dsv3_jax.host_memory import retain_on_cpu
 
 skip_absent_tpu()  # before anything starts a backend: no libtpu probe without a TPU
+retain_on_cpu()  # a CPU process keeps its freed memory: no page faults on every step
 
 # ruff: noqa: E402
 

@@ -75,9 +75,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.A
     freqs, attention_factor = inv_freq(config)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)  # [B, T, R/2]
     angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[2:])
-    cos = jnp.cos(angles) * attention_factor
-    sin = jnp.sin(angles) * attention_factor
+    return _rotate(x, jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor)
+
+
+@jax.custom_vjp
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x's interleaved pairs (x0, x1) → (x0·cos − x1·sin, x0·sin + x1·cos), in float32."""
     pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def _rotate_fwd(x, cos, sin):
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _rotate_bwd(residuals, dy):
+    """A rotation's transpose is the rotation by the opposite angle: the same stacked form
+    again. AD's own transpose of the stack pads each half and adds them, a fusion XLA:CPU ran
+    ~4x slower than the forward's (2.4 against 0.6 ms for the bench train step's q_pe). The
+    angles come from integer positions: no gradient flows to them."""
+    cos, sin = residuals
+    return _rotate(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)

@@ -57,6 +57,27 @@ def test_rope_rotates_interleaved_pairs():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_rope_gradient_is_the_opposite_rotation():
+    """apply_rope's custom backward against NumPy: the gradient of Σ rope(x)·g is g rotated
+    by the opposite angles (times YaRN's attention factor), for [B, T, R] and [B, T, N, R] and
+    positions with gaps; bf16 inputs get bf16 gradients of the same values to bf16 rounding."""
+    c = ModelConfig.preset("tiny")
+    freqs, factor = inv_freq(c)
+    rng = np.random.default_rng(0)
+    pos = np.array([[0, 1, 5, 6], [9, 2, 3, 400]])
+    for shape in [(2, 4, c.qk_rope_head_dim), (2, 4, 3, c.qk_rope_head_dim)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        g = rng.normal(size=shape).astype(np.float32)
+        angle = pos.reshape(pos.shape + (1,) * (len(shape) - 3) + (1,)) * freqs
+        z = (g[..., 0::2] + 1j * g[..., 1::2]) * np.exp(-1j * angle) * factor
+        want = np.stack([z.real, z.imag], -1).reshape(shape)
+        for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+            got = jax.grad(lambda x: (apply_rope(x, jnp.asarray(pos), c).astype(jnp.float32)
+                                      * g).sum())(jnp.asarray(x, dtype))
+            assert got.dtype == dtype
+            np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+
+
 def test_yarn_frequencies_and_mscale():
     # DeepSeek-V3: d=64, base 1e4, factor 40, orig 4096, beta 32/1 → ramp over dims [10, 23].
     c = ModelConfig.preset("deepseek-v3-671b")

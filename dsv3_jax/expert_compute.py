@@ -66,6 +66,18 @@ def resolve_moe_impl(config: ModelConfig) -> str:
     return choice
 
 
+def stable_order(key: jax.Array, num_keys: int) -> jax.Array:
+    """argsort(key, stable=True) [M] int32 for integer keys in [0, num_keys]: one sort of the
+    unique values key·M + index, whose order is the stable one (on XLA:CPU 0.34 against
+    1.17 ms for the 8,192 assignments of the bench config's train step: a two-operand stable
+    sort otherwise). Falls back to argsort where (num_keys + 1)·M would overflow int32."""
+    M = key.shape[0]
+    if (num_keys + 1) * M >= 2 ** 31:
+        return jnp.argsort(key, stable=True).astype(jnp.int32)
+    index = jnp.arange(M, dtype=jnp.int32)
+    return jnp.sort(key.astype(jnp.int32) * M + index) % M
+
+
 def sort_by_expert(experts: jax.Array, num_experts: int,
                    valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Assignments in expert order.
@@ -77,9 +89,9 @@ def sort_by_expert(experts: jax.Array, num_experts: int,
       (order [M]: the assignment in each sorted position, group_sizes [E] int32).
     """
     key = experts if valid is None else jnp.where(valid, experts, num_experts)
-    order = jnp.argsort(key, stable=True)
+    order = stable_order(key, num_experts)
     sizes = jnp.zeros(num_experts, jnp.int32).at[key].add(1, mode="drop")
-    return order.astype(jnp.int32), sizes
+    return order, sizes
 
 
 def ragged_swiglu(rows: jax.Array, group_sizes: jax.Array, weights: tuple[Weight, ...],

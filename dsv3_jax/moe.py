@@ -70,6 +70,7 @@ from dsv3_jax.expert_compute import (
     chosen_swiglu,
     ragged_experts,
     resolve_moe_impl,
+    stable_order,
 )
 from dsv3_jax.layers import Einsum, SwiGLU, Weight, dtype_of, product, project
 
@@ -170,7 +171,7 @@ def plan_slots(experts: jax.Array, num_experts: int, *, block: int | None = None
     N, K = experts.shape
     flat = experts.reshape(-1)
     counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    order = jnp.argsort(flat, stable=True)
+    order = stable_order(flat, num_experts)
     sorted_experts = flat[order]
     run_start = jnp.cumsum(counts) - counts
     rank = jnp.arange(N * K, dtype=jnp.int32) - run_start[sorted_experts]

@@ -149,6 +149,19 @@ def test_slot_plan_places_every_assignment_once():
     assert np.asarray(cap.slot)[3, 1] == 8 and np.asarray(cap.slot)[2, 0] == 8
 
 
+def test_stable_order_is_numpys_stable_argsort():
+    """expert_compute.stable_order (one sort of key·M + index) against NumPy's stable argsort:
+    many ties, the left-out key num_keys, one row, and the argsort fallback where the packed
+    keys would overflow int32."""
+    from dsv3_jax.expert_compute import stable_order
+    rng = np.random.default_rng(0)
+    for M, E in [(1, 4), (37, 3), (8192, 16), (70_000, 40_000)]:  # the last falls back
+        key = rng.integers(0, E + 1, size=M).astype(np.int32)
+        got = np.asarray(jax.jit(stable_order, static_argnums=1)(jnp.asarray(key), E))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.argsort(key, kind="stable"), err_msg=f"{M, E}")
+
+
 def test_sequence_balance_loss_matches_formula():
     c = ModelConfig.preset("tiny", n_routed_experts=4, n_group=1, topk_group=1,
                            num_experts_per_tok=2)

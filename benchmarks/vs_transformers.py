@@ -10,7 +10,8 @@ side, ours over theirs, and model FLOP/s as a fraction of the matmul peak measur
 
   train     forward + backward of the next-token cross-entropy, batch × seq_len
   prefill   one forward over a prompt of `context` tokens, writing the cache
-  decode    one-token steps after that prompt, at each `--decode_batch` (mean of `steps` steps)
+  decode    one-token steps after that prompt, at each `--decode_batch` (mean of `steps` steps,
+            each one jitted call from Python; ours carries the cache index on device)
   generate  prompt + `new_tokens` greedy tokens end to end
 
 `--config` is "bench" (issue 10's config, `benchmarks.common.BENCH`), a preset name, or JSON.
@@ -125,7 +126,7 @@ class Ours:
         @functools.partial(jax.jit, donate_argnums=2)
         def step(layers, token, cache, index):
             out = unstacked.forward(c, layers, token, cache=cache, cache_index=index)
-            return out.logits[:, -1:].argmax(-1).astype(jnp.int32), out.cache
+            return out.logits[:, -1:].argmax(-1).astype(jnp.int32), out.cache, index + 1
 
         self._prefill, self._step = prefill, step
 
@@ -136,8 +137,9 @@ class Ours:
         return jax.block_until_ready(self._prefill(self.variables, tokens, length))
 
     def decode(self, cache, token, index, steps):
-        for i in range(steps):
-            token, cache = self._step(self.layers, token, cache, jnp.int32(index + i))
+        index = jnp.int32(index)  # carried on device, as a serving loop would
+        for _ in range(steps):
+            token, cache, index = self._step(self.layers, token, cache, index)
         return jax.block_until_ready(token)
 
     def generate(self, tokens, new):

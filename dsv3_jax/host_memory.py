@@ -3,7 +3,7 @@
 On XLA:CPU every execution allocates its temporaries as one block (343 MB for the bench
 config's train step) and frees it at the end. glibc's malloc serves a block that large with a
 fresh `mmap` and returns it with `munmap`, so the next step touches every page of it anew:
-~85,000 page faults, each a kernel entry and a zeroed 4 KiB page, ~15% of that step's time on
+~85,000 page faults, each a kernel entry and a zeroed 4 KiB page, ~13% of that step's time on
 2 cores (the README has the figures).
 
 `retain_freed_memory()` makes glibc keep freed memory instead: no `mmap`ped chunks and no
@@ -15,9 +15,11 @@ third (1.4 → 1.8 ms at the bench config). Within a few steps the heap settles 
 temporaries come from pages already mapped. The costs: the process's resident memory stays
 at its high-water mark (up to ~2x a step's needs while the heap settles), as with PyTorch's
 CPU allocators; and a jitted call returns when its result is ready, so Python no longer
-prepares the next call while one runs (on the CPU both cores compute the step anyway; a
-decode step driven from Python pays its ~0.3 ms dispatch in line: `generate` loops on
-device). Multi-device computations are dispatched as before.
+prepares the next call while one runs. On the CPU both cores compute a step anyway; a decode
+step called in a Python loop went 1.21-1.24 → 1.25-1.32 ms at the bench config (and 1.40 →
+1.27-1.35 ms when each call is waited for), and an argument made on the host for every call
+is paid in line: carry such state on device, as `generate` (one jitted loop) does.
+Multi-device computations are dispatched as before.
 
 It only works before JAX starts its backend (the dispatch mode is read then), so `dsv3_jax`'s
 import runs it when the process computes on the CPU (`retain_on_cpu`);

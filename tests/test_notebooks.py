@@ -22,14 +22,18 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def _execute(name: str, tmp_path) -> str:
-    """Runs notebooks/<name> from a copy in tmp_path; returns all its text output."""
+    """Runs notebooks/<name> from a copy in tmp_path; returns all its text output. The
+    kernel's TMPDIR is tmp_path: the workdirs the notebooks train into (`tempfile.mkdtemp`)
+    go where pytest cleans up, not into the system's /tmp."""
     copy = tmp_path / name
     shutil.copy(ROOT / "notebooks" / name, copy)
     nb = nbformat.read(copy, as_version=4)
     # The notebooks find the repository from their working directory (train.py's parent).
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT)}})
-    client.execute()  # raises CellExecutionError naming the cell on any error
+    with pytest.MonkeyPatch.context() as patch:  # the kernel inherits this environment
+        patch.setenv("TMPDIR", str(tmp_path))
+        client.execute()  # raises CellExecutionError naming the cell on any error
     nbformat.write(nb, copy)
     text = []
     for cell in nb.cells:

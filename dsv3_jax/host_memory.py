@@ -32,7 +32,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform as platform_module
 
 import jax
 
@@ -40,6 +39,15 @@ import jax
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 ENV = "DSV3_JAX_RETAIN_FREED_MEMORY"
 _log = logging.getLogger(__name__)
+
+
+def glibc() -> bool:
+    """Whether this process runs on glibc (asked of the C library itself: `platform.libc_ver`
+    would scan the Python executable's file)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # no such name on this platform
+        return False
 
 
 def _backends_started() -> bool:
@@ -52,7 +60,7 @@ def retain_freed_memory() -> bool:
     """Sets glibc's malloc to keep freed memory and XLA:CPU to run one-device computations on
     the calling thread (module docstring). Returns True when it did: False on another libc, or
     once JAX's backend has started (logged: too late to matter)."""
-    if platform_module.libc_ver()[0] != "glibc":
+    if not glibc():
         return False
     if _backends_started():
         _log.warning("retain_freed_memory: JAX's backend has started with its dispatch mode; "

@@ -43,8 +43,7 @@ def _run(retain: str) -> tuple[str, int]:
     return set_up, int(faults)
 
 
-@pytest.mark.skipif(not host_memory.platform_module.libc_ver()[0] == "glibc",
-                    reason="the setting is glibc's")
+@pytest.mark.skipif(not host_memory.glibc(), reason="the setting is glibc's")
 def test_warm_calls_touch_no_new_pages():
     set_up, faults = _run("1")
     off_set_up, off_faults = _run("0")

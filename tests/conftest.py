@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # The suite is bound by compile time (hundreds of small programs, each run a few times): XLA's
 # LLVM back end at optimization level 0 compiles them ~40% faster (tests/test_unstacked.py +
 # test_model.py: 139 -> 85 s on 2 cores) and runs them slower (a 300-step training test 70 ->
@@ -35,3 +37,31 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:  # the process that made it (xdist's controller, or the only one)
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(params=["openblas", "mkl"])
+def each_blas(request):
+    """Runs a CPU-kernel test with each BLAS the kernels can call (`dsv3_jax.cpu_kernels`,
+    chosen by DSV3_JAX_BLAS); MKL's run is skipped where the `mkl` wheel is not installed.
+    The process's own choice is restored afterwards."""
+    import importlib.metadata
+
+    from dsv3_jax import cpu_kernels
+    if request.param == "mkl":
+        try:
+            importlib.metadata.distribution("mkl")
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip("the mkl wheel is not installed (pip install -e \".[mkl]\")")
+    before = os.environ.get("DSV3_JAX_BLAS")
+    os.environ["DSV3_JAX_BLAS"] = request.param
+    cpu_kernels.available.cache_clear()
+    try:
+        assert cpu_kernels.blas() == request.param
+        yield request.param
+    finally:
+        if before is None:
+            del os.environ["DSV3_JAX_BLAS"]
+        else:
+            os.environ["DSV3_JAX_BLAS"] = before
+        cpu_kernels.available.cache_clear()
+        cpu_kernels.available()

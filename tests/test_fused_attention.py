@@ -24,6 +24,7 @@ def _numpy(q_nope, q_pe, k_nope, k_pe, v, positions, scale):
     return out
 
 
+@pytest.mark.usefixtures("each_blas")
 @pytest.mark.parametrize("B, N, T, H, R, A", [(1, 1, 1, 8, 4, 4), (2, 3, 9, 8, 4, 5),
                                               (1, 2, 130, 16, 8, 12), (2, 1, 200, 32, 16, 32)])
 def test_kernel_matches_a_loop_and_its_gradient_the_formulas(B, N, T, H, R, A):

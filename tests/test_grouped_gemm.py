@@ -19,6 +19,7 @@ def _reference(x, w, sizes):
     return out
 
 
+@pytest.mark.usefixtures("each_blas")
 @pytest.mark.parametrize("sizes", [
     [50, 0, 60, 1, 80, 30, 40],  # empty and one-row groups, 39 rows past the groups
     [300, 0, 0, 0, 0, 0, 0],  # one group holds every row
@@ -55,6 +56,7 @@ def test_ragged_matmul_matches_a_loop_and_ragged_dot_gradients(sizes):
     assert not dw[np.asarray(sizes) == 0].any()
 
 
+@pytest.mark.usefixtures("each_blas")
 def test_stack_layer_is_read_in_place_and_the_gradient_reaches_the_slice():
     """With stack=[L, G, K, N] and a traced layer, the kernels are that layer of the stack (the
     other layers differ): output equal to the slice's; the kernel gradient goes to `w` (the
@@ -86,6 +88,7 @@ def _swiglu_formula(x, gate, up, sizes, scale):
     return jax.nn.silu(g) * u * scale[:, None]
 
 
+@pytest.mark.usefixtures("each_blas")
 @pytest.mark.parametrize("sizes", [
     [50, 0, 60, 1, 80, 30, 40],  # empty and one-row groups, 39 rows past the groups
     [129, 129, 42, 0, 0, 0, 0],  # groups split into several row pieces

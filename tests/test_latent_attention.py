@@ -26,6 +26,7 @@ def _numpy(c_kv, k_pe, q_latent, q_pe, positions, scale):
     return out
 
 
+@pytest.mark.usefixtures("each_blas")
 @pytest.mark.parametrize("B, S, C, R, N, T", [(1, 17, 8, 4, 3, 1), (3, 40, 16, 8, 4, 2),
                                               (2, 129, 32, 16, 2, 5), (1, 301, 12, 6, 5, 3),
                                               (1, 700, 12, 6, 5, 3), (2, 600, 16, 8, 2, 2)])

@@ -16,7 +16,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cblas.h"
+#include "blas.h"
 #include "parallel.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -60,10 +60,10 @@ Shape ShapeOf(ffi::Buffer<ffi::F32>& q_nope, ffi::Buffer<ffi::F32>& q_pe,
 // [0, n).
 void Scores(const Shape& d, const Head& h, int64_t t0, int64_t rows, int64_t n, float scale,
             float* P, int64_t ld) {
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.H, scale,
-                    h.qn + t0 * d.H, d.H, h.kn, d.H, 0.0f, P, ld);
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.R, scale,
-                    h.qp + t0 * h.ldqp, h.ldqp, h.kp, d.R, 1.0f, P, ld);
+  dsv3::Sgemm(CblasNoTrans, CblasTrans, rows, n, d.H, scale,
+              h.qn + t0 * d.H, d.H, h.kn, d.H, 0.0f, P, ld);
+  dsv3::Sgemm(CblasNoTrans, CblasTrans, rows, n, d.R, scale,
+              h.qp + t0 * h.ldqp, h.ldqp, h.kp, d.R, 1.0f, P, ld);
 }
 
 // Rows of P [rows, ld] (query t = t0 + r; ld a multiple of kLanes) hold scale · q_t · k_s
@@ -108,8 +108,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nope,
     Scores(d, h, t0, rows, n, scale, P.data(), ld);
     Softmax(P.data(), rows, ld, t0, h.pos, nullptr, lse->typed_data() + head * d.T,
             inv.data());
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.A, n, 1.0f, P.data(),
-                      ld, h.v, d.A, 0.0f, O, d.A);
+    dsv3::Sgemm(CblasNoTrans, CblasNoTrans, rows, d.A, n, 1.0f, P.data(),
+                ld, h.v, d.A, 0.0f, O, d.A);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t a = 0; a < d.A; ++a) O[r * d.A + a] *= inv[r];
   });
@@ -154,10 +154,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nope,
       Scores(d, h, t0, rows, n, scale, P.data(), ld);
       Softmax(P.data(), rows, ld, t0, h.pos, L, nullptr, nullptr);
       // dV[:n] += Pᵀ dO;  dP = dO Vᵀ
-      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d.A, rows, 1.0f, P.data(),
-                        ld, dOb, d.A, 1.0f, dV, d.A);
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n, d.A, 1.0f, dOb, d.A,
-                        h.v, d.A, 0.0f, dP.data(), ld);
+      dsv3::Sgemm(CblasTrans, CblasNoTrans, n, d.A, rows, 1.0f, P.data(),
+                  ld, dOb, d.A, 1.0f, dV, d.A);
+      dsv3::Sgemm(CblasNoTrans, CblasTrans, rows, n, d.A, 1.0f, dOb, d.A,
+                  h.v, d.A, 0.0f, dP.data(), ld);
       // dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale, into dP
       for (int64_t r = 0; r < rows; ++r) {
         float sum = 0.0f;
@@ -171,14 +171,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_nope,
         for (int64_t s = 0; s < n; ++s) g[s] = p[s] * (g[s] - dr) * scale;
       }
       // the query rows' gradients = dS k[:n];  the keys' gradients [:n] += dSᵀ q rows
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.H, n, 1.0f,
-                        dP.data(), ld, h.kn, d.H, 0.0f, dQn + t0 * d.H, d.H);
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d.R, n, 1.0f,
-                        dP.data(), ld, h.kp, d.R, 0.0f, dQp + t0 * h.ldqp, h.ldqp);
-      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d.H, rows, 1.0f,
-                        dP.data(), ld, h.qn + t0 * d.H, d.H, 1.0f, dKn, d.H);
-      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, d.R, rows, 1.0f,
-                        dP.data(), ld, h.qp + t0 * h.ldqp, h.ldqp, 1.0f, dKp, d.R);
+      dsv3::Sgemm(CblasNoTrans, CblasNoTrans, rows, d.H, n, 1.0f,
+                  dP.data(), ld, h.kn, d.H, 0.0f, dQn + t0 * d.H, d.H);
+      dsv3::Sgemm(CblasNoTrans, CblasNoTrans, rows, d.R, n, 1.0f,
+                  dP.data(), ld, h.kp, d.R, 0.0f, dQp + t0 * h.ldqp, h.ldqp);
+      dsv3::Sgemm(CblasTrans, CblasNoTrans, n, d.H, rows, 1.0f,
+                  dP.data(), ld, h.qn + t0 * d.H, d.H, 1.0f, dKn, d.H);
+      dsv3::Sgemm(CblasTrans, CblasNoTrans, n, d.R, rows, 1.0f,
+                  dP.data(), ld, h.qp + t0 * h.ldqp, h.ldqp, 1.0f, dKp, d.R);
     }
   });
   return ffi::Error::Success();

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cblas.h"
+#include "blas.h"
 #include "parallel.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -134,8 +134,8 @@ void Partial(const Sequence& s, int64_t n, int64_t s0, int64_t s1, int64_t C, in
       std::fill(row + lanes, row + ld, 0.0f);
     }
   }
-  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, m, 1.0f, scores.data(),
-                    ld, s.ckv + s0 * C, C, 0.0f, o, C);
+  dsv3::Sgemm(CblasNoTrans, CblasNoTrans, n, C, m, 1.0f, scores.data(),
+              ld, s.ckv + s0 * C, C, 0.0f, o, C);
 }
 
 ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c_kv,

@@ -1,5 +1,4 @@
-// Shared by the CPU kernels: work split over XLA's intra-op thread pool, OpenBLAS kept
-// single-threaded.
+// Shared by the CPU kernels: work split over XLA's intra-op thread pool.
 #pragma once
 
 #include <algorithm>
@@ -9,17 +8,9 @@
 #include <memory>
 #include <thread>
 
-#include "cblas.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace dsv3 {
-
-// OpenBLAS runs single-threaded: the parallelism is XLA's own intra-op pool (`Parallel`), so
-// the kernel never competes with XLA's workers for the cores.
-inline const bool kSingleThreaded = [] {
-  scipy_openblas_set_num_threads(1);
-  return true;
-}();
 
 // Runs work(0), ..., work(units - 1) on the calling thread and XLA's intra-op pool: every
 // participant takes the next unstarted unit until none is left, so a pool task that starts

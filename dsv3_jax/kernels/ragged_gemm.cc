@@ -12,7 +12,7 @@
 #include <memory>
 #include <vector>
 
-#include "cblas.h"
+#include "blas.h"
 #include "parallel.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -97,9 +97,9 @@ ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   const std::vector<Unit> units = RowUnits(groups);
   dsv3::Parallel(pool, units.size(), [&](int64_t u) {
     const Unit& t = units[u];
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, transpose ? CblasTrans : CblasNoTrans,
-                      t.rows, width, in, 1.0f, xs + t.start * in, in,
-                      kernels + t.group * K * N, N, 0.0f, ys + t.start * width, width);
+    dsv3::Sgemm(CblasNoTrans, transpose ? CblasTrans : CblasNoTrans,
+                t.rows, width, in, 1.0f, xs + t.start * in, in,
+                kernels + t.group * K * N, N, 0.0f, ys + t.start * width, width);
   });
   if (filled < M) std::memset(ys + filled * width, 0, (M - filled) * width * sizeof(float));
   return ffi::Error::Success();
@@ -125,8 +125,8 @@ ffi::Error KernelGradients(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffe
       std::memset(o, 0, K * N * sizeof(float));
       return;
     }
-    scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, N, rows, 1.0f,
-                      as + start * K, K, bs + start * N, N, 0.0f, o, N);
+    dsv3::Sgemm(CblasTrans, CblasNoTrans, K, N, rows, 1.0f,
+                as + start * K, K, bs + start * N, N, 0.0f, o, N);
   });
   return ffi::Error::Success();
 }
@@ -154,10 +154,10 @@ ffi::Error SwigluHidden(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g
   dsv3::Parallel(pool, units.size(), [&](int64_t i) {
     const Unit& t = units[i];
     float *gt = gs + t.start * F, *ut = us + t.start * F, *ht = hs + t.start * F;
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.rows, F, D, 1.0f,
-                      xs + t.start * D, D, wg + t.group * D * F, F, 0.0f, gt, F);
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t.rows, F, D, 1.0f,
-                      xs + t.start * D, D, wu + t.group * D * F, F, 0.0f, ut, F);
+    dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, F, D, 1.0f,
+                xs + t.start * D, D, wg + t.group * D * F, F, 0.0f, gt, F);
+    dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, F, D, 1.0f,
+                xs + t.start * D, D, wu + t.group * D * F, F, 0.0f, ut, F);
     for (int64_t r = 0; r < t.rows; ++r) {
       const float s = ss[t.start + r];
       for (int64_t f = 0; f < F; f += dsv3::kLanes) {
@@ -216,10 +216,10 @@ ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
       for (int64_t l = 0; l < dsv3::kLanes; ++l) sum += sums[l];
       dss[r] = sum;
     }
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
-                      &dG[t.start * F], F, wg + t.group * D * F, F, 0.0f, dxs + t.start * D, D);
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
-                      &dU[t.start * F], F, wu + t.group * D * F, F, 1.0f, dxs + t.start * D, D);
+    dsv3::Sgemm(CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
+                &dG[t.start * F], F, wg + t.group * D * F, F, 0.0f, dxs + t.start * D, D);
+    dsv3::Sgemm(CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
+                &dU[t.start * F], F, wu + t.group * D * F, F, 1.0f, dxs + t.start * D, D);
   });
   if (filled < M) {
     std::memset(dxs + filled * D, 0, (M - filled) * D * sizeof(float));
@@ -235,8 +235,8 @@ ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
       std::memset(out, 0, D * F * sizeof(float));
       return;
     }
-    scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, D, F, rows, 1.0f,
-                      xs + start * D, D, (i % 2 ? dU : dG).get() + start * F, F, 0.0f, out, F);
+    dsv3::Sgemm(CblasTrans, CblasNoTrans, D, F, rows, 1.0f,
+                xs + start * D, D, (i % 2 ? dU : dG).get() + start * F, F, 0.0f, out, F);
   });
   return ffi::Error::Success();
 }

@@ -1,0 +1,70 @@
+"""Which BLAS the CPU kernels call (`dsv3_jax.cpu_kernels`, DSV3_JAX_BLAS): the chosen one
+really does their products (MKL's verbose log lists each of its sgemm calls), and a bad or
+unavailable choice is refused by name. The kernels' numerics under each BLAS are checked by
+their own tests (the `each_blas` fixture)."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsv3_jax import cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# one grouped GEMM of two groups through the kernel: two sgemm calls
+PROGRAM = """
+import jax.numpy as jnp
+from dsv3_jax import cpu_kernels, grouped_gemm
+y = grouped_gemm.ragged_matmul(jnp.ones((8, 4)), jnp.ones((2, 4, 3)),
+                               jnp.asarray([5, 3], jnp.int32))
+print("blas", cpu_kernels.blas(), float(y.sum()))
+"""
+
+
+def _mkl_installed() -> bool:
+    try:
+        importlib.metadata.distribution("mkl")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _mkl_installed(), reason="the mkl wheel is not installed")
+@pytest.mark.parametrize("choice, expected", [("auto", "mkl"), ("mkl", "mkl"),
+                                              ("openblas", "openblas")])
+def test_the_chosen_blas_does_the_products(choice, expected):
+    """With MKL_VERBOSE=1, MKL logs every sgemm it runs: the kernel's two (one per group) with
+    MKL chosen (or by default, where it is installed), none with OpenBLAS; the result is the
+    same (8 rows of 4 ones times 4×3 ones: 96)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DSV3_JAX_BLAS": choice, "MKL_VERBOSE": "1",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run([sys.executable, "-c", PROGRAM], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"blas {expected} 96.0" in done.stdout, done.stdout
+    calls = done.stdout.count("MKL_VERBOSE SGEMM(")
+    assert calls == (2 if expected == "mkl" else 0), done.stdout
+
+
+def test_a_bad_choice_is_refused_by_name(monkeypatch):
+    cpu_kernels.available.cache_clear()
+    try:
+        monkeypatch.setenv("DSV3_JAX_BLAS", "atlas")
+        with pytest.raises(ValueError, match="DSV3_JAX_BLAS='atlas': expected one of auto, "
+                                             "mkl, openblas"):
+            cpu_kernels.available()
+        # MKL asked for where it is unavailable (not installed, or set up otherwise)
+        monkeypatch.setenv("DSV3_JAX_BLAS", "mkl")
+        monkeypatch.setattr(cpu_kernels, "_mkl_sgemm", lambda: None)
+        with pytest.raises(RuntimeError, match=r"DSV3_JAX_BLAS=mkl, but MKL is unavailable "
+                                               r"here .*choose openblas"):
+            cpu_kernels.available()
+        # auto falls back to OpenBLAS
+        monkeypatch.setenv("DSV3_JAX_BLAS", "auto")
+        assert cpu_kernels.available() and cpu_kernels.blas() == "openblas"
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.available.cache_clear()
+    assert cpu_kernels.available()

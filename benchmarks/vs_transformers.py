@@ -6,7 +6,8 @@ The weights are initialized once by us, written as an HF checkpoint (`save_hf_ch
 loaded by both sides (transformers: `from_pretrained`, fp32, its default attention; ours:
 `load_hf_checkpoint` + one `device_put`). Each figure prints one JSON line: tokens/s for each
 side, ours over theirs, and model FLOP/s as a fraction of the matmul peak measured first
-(an f32 2048³ matmul, the faster of jax and torch).
+(an f32 2048³ matmul, the faster of jax and torch), and `kernels_blas`: the BLAS our CPU
+kernels call (`cpu_kernels.blas()`: mkl or openblas, `DSV3_JAX_BLAS`).
 
   train     forward + backward of the next-token cross-entropy, batch × seq_len
   prefill   one forward over a prompt of `context` tokens, writing the cache
@@ -34,7 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import median_seconds, parse_config, positive_int, report
-from dsv3_jax import DeepSeekV3, generate, load_hf_checkpoint, save_hf_checkpoint, unstacked
+from dsv3_jax import (
+    DeepSeekV3,
+    cpu_kernels,
+    generate,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+    unstacked,
+)
 from dsv3_jax.accounting import decode_step_bytes, flops_per_token
 from dsv3_jax.config import NON_HF_FIELDS
 from dsv3_jax.model import init_cache, init_variables
@@ -193,7 +201,7 @@ def main():
                ours_peak_fraction=round(n_tokens * flops_per_tok / t_ours / peak, 4),
                transformers_peak_fraction=round(n_tokens * flops_per_tok / t_theirs / peak, 4),
                matmul_peak_gflops=round(peak / 1e9, 1), transformers_attention=theirs.attention,
-               threads=torch.get_num_threads(), **extra)
+               threads=torch.get_num_threads(), kernels_blas=cpu_kernels.blas(), **extra)
 
     R = args.repeats
     if "train" in args.figures:

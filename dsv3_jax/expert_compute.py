@@ -9,7 +9,7 @@ sorted by expert, M = N·K here):
     grouped GEMM with the per-expert group sizes for each SwiGLU projection
     (`ragged_swiglu`), no padding: `jax.lax.ragged_dot` (megablox on TPU, a grouped GEMM on
     GPU), or on one CPU device in float32 the FFI kernels of `dsv3_jax/grouped_gemm.py`
-    (OpenBLAS per group, kernels read in place; gate, up and the activation one call).
+    (an sgemm per group, kernels read in place; gate, up and the activation one call).
     XLA:CPU's own `ragged_dot` costs as much as every expert densely.
   * "capacity": `capacity_factor`·N·K/E slots per expert, overflow dropped.
   * "auto": "capacity" when `capacity_factor` is set (the older spelling of capacity mode);

@@ -2,10 +2,10 @@
 
 XLA:CPU lowers `ragged_dot` to every group's product on every row (E times the work), and a
 loop of per-group products copies each group's kernel slice before its dot. This module runs
-the grouped GEMM as an XLA FFI handler (`kernels/ragged_gemm.cc`) that calls OpenBLAS's
-`sgemm` once per non-empty group on that group's rows and its kernel read in place: no
-padding, no kernel copies, one thunk. Dimension key: M rows sorted by group, G groups,
-K contraction, N output width, L layers of a stack.
+the grouped GEMM as an XLA FFI handler (`kernels/ragged_gemm.cc`) that calls a BLAS `sgemm`
+(MKL's or OpenBLAS's: `cpu_kernels`) once per non-empty group on that group's rows and its
+kernel read in place: no padding, no kernel copies, one thunk. Dimension key: M rows sorted by
+group, G groups, K contraction, N output width, L layers of a stack.
 
     ragged_matmul(x [M, K], w [G, K, N], sizes [G]) -> [M, N]     row i of group g: x_i · w_g
     swiglu_hidden(x [M, D], gate, up [G, D, F], sizes, scale [M]) -> [M, F]
@@ -19,7 +19,7 @@ place and `w` (that layer's slice) only receives the gradient: a layer of an unr
 then reads no copy of its slice.
 
 The SwiGLU's backward is one call as well (the activation's gradient per piece of rows, then
-dx = dg · gateᵀ + du · upᵀ, and per group the two kernel gradients). float32 only (OpenBLAS
+dx = dg · gateᵀ + du · upᵀ, and per group the two kernel gradients). float32 only (BLAS
 `sgemm`), on one CPU device; the work is split into ~256-row pieces over
 XLA's intra-op pool. Built on first use with the other CPU kernels (`cpu_kernels`); where they
 are unavailable, callers keep `ragged_dot`.

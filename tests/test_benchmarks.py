@@ -46,7 +46,7 @@ RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
                          "--repeats", "1"], {
         "benchmark", "figure", "config", "batch", "shape", "ours_tok_s", "transformers_tok_s",
         "ratio", "ours_peak_fraction", "transformers_peak_fraction", "matmul_peak_gflops",
-        "transformers_attention", "threads"}),
+        "transformers_attention", "threads", "kernels_blas"}),
 }
 
 # vs_transformers' decode lines: the memory roofline
@@ -113,6 +113,7 @@ def test_benchmark_smoke(name):
             assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["transformers_tok_s"],
                                                rel=0.02)
             assert 0 < r["ours_peak_fraction"] < 1 and r["matmul_peak_gflops"] > 0
+            assert r["kernels_blas"] in ("mkl", "openblas")  # the kernels run on this CPU
         decode = lines[2]
         assert decode["step_mb"] > 0 and decode["memory_gb_s"] > 0
         assert decode["ratio_bound"] == pytest.approx(1 / decode["transformers_bandwidth_fraction"],

@@ -1,4 +1,4 @@
-"""The CPU grouped-GEMM kernel (`dsv3_jax.grouped_gemm`, an XLA FFI call into OpenBLAS) against
+"""The CPU grouped-GEMM kernel (`dsv3_jax.grouped_gemm`, an XLA FFI call into a BLAS) against
 a NumPy loop over the groups, and its gradients against `jax.lax.ragged_dot`'s."""
 
 import jax

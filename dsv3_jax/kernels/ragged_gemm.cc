@@ -1,5 +1,5 @@
 // Grouped GEMMs over rows sorted by group (ragged_dot and its two transposes), float32, on the
-// CPU through OpenBLAS's sgemm, as XLA FFI handlers. Built and registered by
+// CPU through a BLAS sgemm (blas.h), as XLA FFI handlers. Built and registered by
 // dsv3_jax/cpu_kernels.py; called by dsv3_jax/grouped_gemm.py (dimension key there).
 //
 // Rows [start_g, start_g + sizes[g]) of the row operands belong to group g (start_g the sum of

@@ -109,8 +109,9 @@ def _blas_choice() -> str:
 
 def _mkl_sgemm() -> int | None:
     """The address of MKL's `cblas_sgemm` with MKL's sequential threading layer and 32-bit
-    sizes, from the `mkl` wheel's `libmkl_rt`; None where the wheel is not installed or MKL
-    was already set up otherwise in this process (another library's threaded layer)."""
+    sizes, from the `mkl` wheel's `libmkl_rt`; None where the wheel is not installed, does
+    not load, or MKL was already set up otherwise in this process (another library's threaded
+    layer; both logged)."""
     try:
         files = importlib.metadata.files("mkl") or []
     except importlib.metadata.PackageNotFoundError:
@@ -118,14 +119,20 @@ def _mkl_sgemm() -> int | None:
     runtime = next((f for f in files if f.name.startswith("libmkl_rt.so")), None)
     if runtime is None:
         return None
-    mkl = ctypes.CDLL(str(Path(runtime.locate()).resolve()))
-    layer = mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
-    interface = mkl.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)
+    try:
+        mkl = ctypes.CDLL(str(Path(runtime.locate()).resolve()))
+        layer = mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
+        interface = mkl.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)
+        sgemm = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p).value
+    except (OSError, AttributeError) as e:  # a broken install: a library or symbol missing
+        _log.warning("MKL's runtime did not load (%s: %s): the kernels call OpenBLAS",
+                     type(e).__name__, str(e).splitlines()[0])
+        return None
     if layer != _MKL_THREADING_SEQUENTIAL or interface != _MKL_INTERFACE_LP64:
         _log.warning("MKL is set up in this process with threading layer %d, interface %d "
                      "(the kernels need sequential, LP64): they call OpenBLAS", layer, interface)
         return None
-    return ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p).value
+    return sgemm
 
 
 def _use_blas(library, choice: str) -> str:

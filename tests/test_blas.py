@@ -48,6 +48,35 @@ def test_the_chosen_blas_does_the_products(choice, expected):
     assert calls == (2 if expected == "mkl" else 0), done.stdout
 
 
+# another library set MKL up first, with a threaded layer (GNU OpenMP) and ran a product
+OTHER_FIRST = """
+import ctypes, importlib.metadata, logging
+import numpy as np
+logging.basicConfig()
+rt = next(f for f in importlib.metadata.files("mkl") if f.name.startswith("libmkl_rt.so"))
+mkl = ctypes.CDLL(str(rt.locate()))
+mkl.MKL_Set_Threading_Layer(3)
+a, c = np.ones((4, 4), np.float32), np.zeros((4, 4), np.float32)
+p = lambda x: x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+mkl.cblas_sgemm(101, 111, 111, 4, 4, 4, ctypes.c_float(1), p(a), 4, p(a), 4, ctypes.c_float(0),
+                p(c), 4)
+from dsv3_jax import cpu_kernels
+print("blas", cpu_kernels.blas(), c[0, 0])
+"""
+
+
+@pytest.mark.skipif(not _mkl_installed(), reason="the mkl wheel is not installed")
+def test_mkl_set_up_otherwise_leaves_the_kernels_on_openblas():
+    """MKL already running with a threaded layer in the process: the kernels, which split
+    their work over XLA's pool themselves, do not share it; a warning names why."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DSV3_JAX_BLAS": "auto"}
+    done = subprocess.run([sys.executable, "-c", OTHER_FIRST], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "blas openblas 4.0" in done.stdout, done.stdout
+    assert "MKL is set up in this process with threading layer 3" in done.stderr
+
+
 def test_a_bad_choice_is_refused_by_name(monkeypatch):
     cpu_kernels.available.cache_clear()
     try:

@@ -3,6 +3,6 @@
 #include "blas.h"
 
 extern "C" void Dsv3UseSgemm(void* sgemm) {
-  dsv3::sgemm_in_use = sgemm ? reinterpret_cast<dsv3::SgemmFunction>(sgemm)
-                             : &dsv3::OpenBlasSgemm;
+  dsv3::sgemm_in_use.store(sgemm ? reinterpret_cast<dsv3::SgemmFunction>(sgemm)
+                                 : &dsv3::OpenBlasSgemm);
 }

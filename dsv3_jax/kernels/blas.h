@@ -4,6 +4,7 @@
 // with the same interface: MKL's, with MKL's sequential threading layer.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "cblas.h"
@@ -30,14 +31,16 @@ inline const bool kSingleThreaded = [] {
   return true;
 }();
 
-// The sgemm in use: set once, when the library is loaded, before any kernel runs.
-inline SgemmFunction sgemm_in_use = &OpenBlasSgemm;
+// The sgemm in use: set when the library is loaded, before any kernel runs (atomic: a
+// process that sets it again, as the tests do, never races a running kernel).
+inline std::atomic<SgemmFunction> sgemm_in_use{&OpenBlasSgemm};
 
 // C = alpha · op(A) · op(B) + beta · C, row-major.
 inline void Sgemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k,
                   float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
                   float beta, float* c, int64_t ldc) {
-  sgemm_in_use(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  sgemm_in_use.load(std::memory_order_relaxed)(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda,
+                                                b, ldb, beta, c, ldc);
 }
 
 }  // namespace dsv3

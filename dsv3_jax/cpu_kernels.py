@@ -107,20 +107,26 @@ def _blas_choice() -> str:
     return choice
 
 
-def _mkl_sgemm() -> int | None:
-    """The address of MKL's `cblas_sgemm` with MKL's sequential threading layer and 32-bit
-    sizes, from the `mkl` wheel's `libmkl_rt`; None where the wheel is not installed, does
-    not load, or MKL was already set up otherwise in this process (another library's threaded
-    layer; both logged)."""
+def mkl_runtime() -> Path | None:
+    """The `mkl` wheel's `libmkl_rt` (None: the wheel is not installed)."""
     try:
         files = importlib.metadata.files("mkl") or []
     except importlib.metadata.PackageNotFoundError:
         return None
     runtime = next((f for f in files if f.name.startswith("libmkl_rt.so")), None)
+    return None if runtime is None else Path(runtime.locate()).resolve()
+
+
+def _mkl_sgemm() -> int | None:
+    """The address of MKL's `cblas_sgemm` with MKL's sequential threading layer and 32-bit
+    sizes, from `mkl_runtime()`; None where the wheel is not installed, does not load, or MKL
+    was already set up otherwise in this process (another library's threaded layer; both
+    logged)."""
+    runtime = mkl_runtime()
     if runtime is None:
         return None
     try:
-        mkl = ctypes.CDLL(str(Path(runtime.locate()).resolve()))
+        mkl = ctypes.CDLL(str(runtime))
         layer = mkl.MKL_Set_Threading_Layer(_MKL_THREADING_SEQUENTIAL)
         interface = mkl.MKL_Set_Interface_Layer(_MKL_INTERFACE_LP64)
         sgemm = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p).value

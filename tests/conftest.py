@@ -44,24 +44,15 @@ def each_blas(request):
     """Runs a CPU-kernel test with each BLAS the kernels can call (`dsv3_jax.cpu_kernels`,
     chosen by DSV3_JAX_BLAS); MKL's run is skipped where the `mkl` wheel is not installed.
     The process's own choice is restored afterwards."""
-    import importlib.metadata
-
     from dsv3_jax import cpu_kernels
-    if request.param == "mkl":
-        try:
-            importlib.metadata.distribution("mkl")
-        except importlib.metadata.PackageNotFoundError:
-            pytest.skip("the mkl wheel is not installed (pip install -e \".[mkl]\")")
-    before = os.environ.get("DSV3_JAX_BLAS")
-    os.environ["DSV3_JAX_BLAS"] = request.param
-    cpu_kernels.available.cache_clear()
+    if request.param == "mkl" and cpu_kernels.mkl_runtime() is None:
+        pytest.skip("the mkl wheel is not installed (pip install -e \".[mkl]\")")
     try:
-        assert cpu_kernels.blas() == request.param
-        yield request.param
-    finally:
-        if before is None:
-            del os.environ["DSV3_JAX_BLAS"]
-        else:
-            os.environ["DSV3_JAX_BLAS"] = before
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DSV3_JAX_BLAS", request.param)
+            cpu_kernels.available.cache_clear()
+            assert cpu_kernels.blas() == request.param
+            yield request.param
+    finally:  # the environment restored: the process's own choice again
         cpu_kernels.available.cache_clear()
         cpu_kernels.available()

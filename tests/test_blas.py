@@ -3,7 +3,6 @@ really does their products (MKL's verbose log lists each of its sgemm calls), an
 unavailable choice is refused by name. The kernels' numerics under each BLAS are checked by
 their own tests (the `each_blas` fixture)."""
 
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -23,58 +22,55 @@ print("blas", cpu_kernels.blas(), float(y.sum()))
 """
 
 
-def _mkl_installed() -> bool:
-    try:
-        importlib.metadata.distribution("mkl")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+def _python(program: str, **env: str) -> str:
+    """stdout + stderr of `python -c program` from the repository, CPU only, with `env`."""
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
-@pytest.mark.skipif(not _mkl_installed(), reason="the mkl wheel is not installed")
+NO_MKL = pytest.mark.skipif(cpu_kernels.mkl_runtime() is None,
+                            reason="the mkl wheel is not installed")
+
+
+@NO_MKL
 @pytest.mark.parametrize("choice, expected", [("auto", "mkl"), ("mkl", "mkl"),
                                               ("openblas", "openblas")])
 def test_the_chosen_blas_does_the_products(choice, expected):
     """With MKL_VERBOSE=1, MKL logs every sgemm it runs: the kernel's two (one per group) with
     MKL chosen (or by default, where it is installed), none with OpenBLAS; the result is the
     same (8 rows of 4 ones times 4×3 ones: 96)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DSV3_JAX_BLAS": choice, "MKL_VERBOSE": "1",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    done = subprocess.run([sys.executable, "-c", PROGRAM], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"blas {expected} 96.0" in done.stdout, done.stdout
-    calls = done.stdout.count("MKL_VERBOSE SGEMM(")
-    assert calls == (2 if expected == "mkl" else 0), done.stdout
+    out = _python(PROGRAM, DSV3_JAX_BLAS=choice, MKL_VERBOSE="1",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    assert f"blas {expected} 96.0" in out, out
+    assert out.count("MKL_VERBOSE SGEMM(") == (2 if expected == "mkl" else 0), out
 
 
 # another library set MKL up first, with a threaded layer (GNU OpenMP) and ran a product
 OTHER_FIRST = """
-import ctypes, importlib.metadata, logging
+import ctypes, logging
 import numpy as np
+from dsv3_jax import cpu_kernels  # the kernels are not loaded before their first use
 logging.basicConfig()
-rt = next(f for f in importlib.metadata.files("mkl") if f.name.startswith("libmkl_rt.so"))
-mkl = ctypes.CDLL(str(rt.locate()))
+mkl = ctypes.CDLL(str(cpu_kernels.mkl_runtime()))
 mkl.MKL_Set_Threading_Layer(3)
 a, c = np.ones((4, 4), np.float32), np.zeros((4, 4), np.float32)
 p = lambda x: x.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 mkl.cblas_sgemm(101, 111, 111, 4, 4, 4, ctypes.c_float(1), p(a), 4, p(a), 4, ctypes.c_float(0),
                 p(c), 4)
-from dsv3_jax import cpu_kernels
 print("blas", cpu_kernels.blas(), c[0, 0])
 """
 
 
-@pytest.mark.skipif(not _mkl_installed(), reason="the mkl wheel is not installed")
+@NO_MKL
 def test_mkl_set_up_otherwise_leaves_the_kernels_on_openblas():
     """MKL already running with a threaded layer in the process: the kernels, which split
     their work over XLA's pool themselves, do not share it; a warning names why."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DSV3_JAX_BLAS": "auto"}
-    done = subprocess.run([sys.executable, "-c", OTHER_FIRST], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "blas openblas 4.0" in done.stdout, done.stdout
-    assert "MKL is set up in this process with threading layer 3" in done.stderr
+    out = _python(OTHER_FIRST, DSV3_JAX_BLAS="auto")
+    assert "blas openblas 4.0" in out, out
+    assert "MKL is set up in this process with threading layer 3" in out
 
 
 def test_a_bad_choice_is_refused_by_name(monkeypatch):

@@ -5,7 +5,8 @@ The handlers call a single-threaded BLAS `sgemm` (`kernels/blas.h`) and split th
 XLA's own intra-op thread pool (`kernels/parallel.h`). The BLAS is Intel MKL's sequential one
 where the `mkl` wheel is installed (the `[mkl]` extra: 10-25% faster than OpenBLAS on the
 kernels' skinny products on an AVX-512 Xeon), else OpenBLAS (the `scipy-openblas32` wheel,
-linked); `DSV3_JAX_BLAS=auto|mkl|openblas` chooses, `blas()` says which is in use.
+linked); `DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import),
+`blas()` says which is in use.
 
 All sources compile into one library (~5 s with the system's C++ compiler, `$CXX` or `c++`,
 against jaxlib's FFI headers), cached under `$DSV3_JAX_KERNEL_CACHE` (default
@@ -105,6 +106,9 @@ def _blas_choice() -> str:
         raise ValueError(f"DSV3_JAX_BLAS={os.environ['DSV3_JAX_BLAS']!r}: expected one of "
                          f"{', '.join(BLAS_CHOICES)}")
     return choice
+
+
+_blas_choice()  # a bad DSV3_JAX_BLAS fails the import, before anything is traced
 
 
 def mkl_runtime() -> Path | None:

@@ -73,6 +73,17 @@ def test_mkl_set_up_otherwise_leaves_the_kernels_on_openblas():
     assert "MKL is set up in this process with threading layer 3" in out
 
 
+def test_a_bad_choice_fails_the_import_by_name():
+    """Set before the process starts (the usual way), a bad DSV3_JAX_BLAS stops `import
+    dsv3_jax` with the allowed values, before anything is traced."""
+    done = subprocess.run([sys.executable, "-c", "import dsv3_jax"], cwd=ROOT,
+                          env={**os.environ, "DSV3_JAX_BLAS": "atlas"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().endswith(
+        "ValueError: DSV3_JAX_BLAS='atlas': expected one of auto, mkl, openblas"), done.stderr
+
+
 def test_a_bad_choice_is_refused_by_name(monkeypatch):
     cpu_kernels.available.cache_clear()
     try:

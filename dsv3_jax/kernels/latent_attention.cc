@@ -38,8 +38,15 @@ inline Floats Sum4(Floats v0, Floats v1, Floats v2, Floats v3) {
 }
 
 // acc[i][j] += q[i] · x[j] over d entries, for I rows of q and M rows of x (each ld apart).
+// Summed in local registers, q and x restrict: where the compiler could not rule out that
+// `out` aliases the float rows, it stored all I·M accumulators after every vector of
+// products (batch-8 decode attention 22% slower).
 template <int I, int M>
-inline void Dot(Floats (&acc)[I][M], const float* q, const float* x, int64_t d, int64_t ld) {
+inline void Dot(Floats (&out)[I][M], const float* __restrict q, const float* __restrict x,
+                int64_t d, int64_t ld) {
+  Floats acc[I][M];
+  for (int i = 0; i < I; ++i)
+    for (int j = 0; j < M; ++j) acc[i][j] = out[i][j];
   for (int64_t c = 0; c < d; c += kLanes) {
     const int64_t w = std::min<int64_t>(kLanes, d - c);  // a partial last vector
     Floats xs[M];
@@ -49,6 +56,8 @@ inline void Dot(Floats (&acc)[I][M], const float* q, const float* x, int64_t d, 
       for (int j = 0; j < M; ++j) acc[i][j] += v * xs[j];
     }
   }
+  for (int i = 0; i < I; ++i)
+    for (int j = 0; j < M; ++j) out[i][j] = acc[i][j];
 }
 
 // P[i, j] = scale · (a[i] · x[j] + b[i] · y[j]) for I rows i and M slots j.

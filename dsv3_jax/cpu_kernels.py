@@ -2,7 +2,10 @@
 with XLA:CPU.
 
 The handlers call a single-threaded BLAS `sgemm` (`kernels/blas.h`) and split their work over
-XLA's own intra-op thread pool (`kernels/parallel.h`). The BLAS is Intel MKL's sequential one
+XLA's own intra-op thread pool (`kernels/parallel.h`). A pool task that helped with a short
+job lingers for the next one, up to `DSV3_JAX_KERNEL_LINGER_US` microseconds (default 50;
+0 never lingers; another value fails the import): a decode step's kernel calls come closer
+together than a parked pool thread takes to wake. The BLAS is Intel MKL's sequential one
 where the `mkl` wheel is installed (the `[mkl]` extra: 10-25% faster than OpenBLAS on the
 kernels' skinny products on an AVX-512 Xeon), else OpenBLAS (the `scipy-openblas32` wheel,
 linked); `DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import),
@@ -51,9 +54,11 @@ HANDLERS = {
     "dsv3_causal_attention_bwd": "Dsv3CausalAttentionBackward",
 }
 BLAS_CHOICES = ("auto", "mkl", "openblas")
+LINGER_ENV, DEFAULT_LINGER_US = "DSV3_JAX_KERNEL_LINGER_US", 50
 _MKL_THREADING_SEQUENTIAL, _MKL_INTERFACE_LP64 = 1, 0
 _log = logging.getLogger(__name__)
 _blas_in_use: str | None = None
+_library: ctypes.CDLL | None = None
 
 
 def _openblas():
@@ -108,7 +113,22 @@ def _blas_choice() -> str:
     return choice
 
 
+def _linger_us() -> int:
+    text = os.environ.get(LINGER_ENV, "").strip()
+    if not text:
+        return DEFAULT_LINGER_US
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1_000_000:
+        raise ValueError(f"{LINGER_ENV}={os.environ[LINGER_ENV]!r}: expected whole microseconds "
+                         "from 0 (never linger) to 1000000")
+    return value
+
+
 _blas_choice()  # a bad DSV3_JAX_BLAS fails the import, before anything is traced
+_linger_us()  # and so does a bad DSV3_JAX_KERNEL_LINGER_US
 
 
 def mkl_runtime() -> Path | None:
@@ -160,12 +180,19 @@ def blas() -> str | None:
     return _blas_in_use if available() else None
 
 
+def jobs_handed_over() -> int:
+    """How many kernel jobs this process handed to lingering pool tasks (0: the kernels are
+    unavailable)."""
+    return int(_library.Dsv3JobsHandedOver()) if available() else 0
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernels are built and registered with XLA:CPU (built on the first call).
-    Raises on an invalid `DSV3_JAX_BLAS`, or on `mkl` chosen where MKL is not installed."""
-    global _blas_in_use
-    choice = _blas_choice()
+    Raises on an invalid `DSV3_JAX_BLAS` or `DSV3_JAX_KERNEL_LINGER_US`, or on `mkl` chosen
+    where MKL is not installed."""
+    global _blas_in_use, _library
+    choice, linger = _blas_choice(), _linger_us()
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except Exception as e:  # no compiler, no OpenBLAS wheel, a failed build
@@ -173,6 +200,9 @@ def available() -> bool:
                      type(e).__name__, str(e).splitlines()[0])
         return False
     _blas_in_use = _use_blas(library, choice)
+    library.Dsv3SetLingerMicroseconds(ctypes.c_int64(linger))
+    library.Dsv3JobsHandedOver.restype = ctypes.c_uint64
+    _library = library
     for target, symbol in HANDLERS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")

@@ -1,0 +1,10 @@
+// How long the kernels' pool tasks linger for the next job after a short one (parallel.h):
+// set by dsv3_jax/cpu_kernels.py from DSV3_JAX_KERNEL_LINGER_US after loading the library.
+#include "parallel.h"
+
+extern "C" void Dsv3SetLingerMicroseconds(int64_t microseconds) {
+  dsv3::linger_us.store(microseconds < 0 ? 0 : microseconds);
+}
+
+// Jobs handed to lingering tasks so far (tests and diagnostics).
+extern "C" uint64_t Dsv3JobsHandedOver() { return dsv3::mailbox.posted.load(); }

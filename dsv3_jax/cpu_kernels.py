@@ -181,8 +181,9 @@ def blas() -> str | None:
 
 
 def jobs_handed_over() -> int:
-    """How many kernel jobs this process handed to lingering pool tasks (0: the kernels are
-    unavailable)."""
+    """How many kernel jobs this process offered to pool tasks it found lingering (one may
+    time out just before taking its job: the calling thread then runs it all); 0 where the
+    kernels are unavailable."""
     return int(_library.Dsv3JobsHandedOver()) if available() else 0
 
 

@@ -117,14 +117,10 @@ def _linger_us() -> int:
     text = os.environ.get(LINGER_ENV, "").strip()
     if not text:
         return DEFAULT_LINGER_US
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 1_000_000:
+    if not text.isdecimal() or int(text) > 1_000_000:
         raise ValueError(f"{LINGER_ENV}={os.environ[LINGER_ENV]!r}: expected whole microseconds "
                          "from 0 (never linger) to 1000000")
-    return value
+    return int(text)
 
 
 _blas_choice()  # a bad DSV3_JAX_BLAS fails the import, before anything is traced

@@ -9,6 +9,7 @@ comparisons between runs stay meaningful. Set JAX_COMPILATION_CACHE_DIR yourself
 (and keep) the directory; the benchmark smoke tests run without it (they time compiles).
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -39,20 +40,36 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+@pytest.fixture
+def reload_kernels():
+    """`with reload_kernels(NAME=value, ...)`: the CPU kernels' settings read afresh from these
+    environment variables on the next `cpu_kernels.available()` call; on leaving, the
+    process's own environment and kernels settings again."""
+    from dsv3_jax import cpu_kernels
+
+    @contextlib.contextmanager
+    def reload(**env: str):
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                for name, value in env.items():
+                    patch.setenv(name, value)
+                cpu_kernels.available.cache_clear()
+                yield
+        finally:
+            cpu_kernels.available.cache_clear()
+            cpu_kernels.available()
+
+    return reload
+
+
 @pytest.fixture(params=["openblas", "mkl"])
-def each_blas(request):
+def each_blas(request, reload_kernels):
     """Runs a CPU-kernel test with each BLAS the kernels can call (`dsv3_jax.cpu_kernels`,
     chosen by DSV3_JAX_BLAS); MKL's run is skipped where the `mkl` wheel is not installed.
     The process's own choice is restored afterwards."""
     from dsv3_jax import cpu_kernels
     if request.param == "mkl" and cpu_kernels.mkl_runtime() is None:
         pytest.skip("the mkl wheel is not installed (pip install -e \".[mkl]\")")
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("DSV3_JAX_BLAS", request.param)
-            cpu_kernels.available.cache_clear()
-            assert cpu_kernels.blas() == request.param
-            yield request.param
-    finally:  # the environment restored: the process's own choice again
-        cpu_kernels.available.cache_clear()
-        cpu_kernels.available()
+    with reload_kernels(DSV3_JAX_BLAS=request.param):
+        assert cpu_kernels.blas() == request.param
+        yield request.param

@@ -42,67 +42,43 @@ def _kernel_calls():
         outs = []
         for _ in range(8):
             q = q + 0.01 * latent_attention.reference(c_kv, k_pe, q, q_pe, positions, 0.1)
-            starts = np.cumsum([0, *np.asarray(sizes)])
-            x = jnp.tanh(jnp.concatenate([x[a:b] @ w[g] for g, (a, b)
-                                          in enumerate(zip(starts[:-1], starts[1:]))]))
+            x = jnp.tanh(jax.lax.ragged_dot(x, w, sizes))
             outs += [q, x]
         return outs
 
     return chain, reference, (q, x)
 
 
-@pytest.fixture
-def linger(request):
-    """The kernels reloaded with DSV3_JAX_KERNEL_LINGER_US=param; the process's own setting
-    restored afterwards."""
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(cpu_kernels.LINGER_ENV, str(request.param))
-            cpu_kernels.available.cache_clear()
-            assert cpu_kernels.available()
-            yield request.param
-    finally:
-        cpu_kernels.available.cache_clear()
-        cpu_kernels.available()
-
-
-@pytest.mark.parametrize("linger", [2000], indirect=True)
-def test_lingering_tasks_take_the_next_jobs_and_change_no_result(linger):
+def test_lingering_tasks_take_the_next_jobs_and_change_no_result(reload_kernels):
     chain, reference, args = _kernel_calls()
-    before = cpu_kernels.jobs_handed_over()
-    results = [jax.block_until_ready(chain(*args)) for _ in range(5)]
-    handed = cpu_kernels.jobs_handed_over() - before
-    assert handed > 0, "no kernel call found a lingering pool task"
-    for result in results[1:]:  # whichever threads ran which units: the same bits
-        for a, b in zip(results[0], result):
-            np.testing.assert_array_equal(a, b)
-    for got, want in zip(results[0], reference(*args)):  # and the formulas' values
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with reload_kernels(**{cpu_kernels.LINGER_ENV: "2000"}):
+        assert cpu_kernels.available()
+        before = cpu_kernels.jobs_handed_over()
+        results = [jax.block_until_ready(chain(*args)) for _ in range(5)]
+        assert cpu_kernels.jobs_handed_over() > before, "no call found a lingering pool task"
+        for result in results[1:]:  # whichever threads ran which units: the same bits
+            for a, b in zip(results[0], result):
+                np.testing.assert_array_equal(a, b)
+        for got, want in zip(results[0], reference(*args)):  # and the formulas' values
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
-    # with lingering off, nothing is handed over (tasks still lingering time out first)
-    os.environ[cpu_kernels.LINGER_ENV] = "0"
-    cpu_kernels.available.cache_clear()
-    assert cpu_kernels.available()
-    time.sleep(0.01)
-    before = cpu_kernels.jobs_handed_over()
-    again = jax.block_until_ready(chain(*args))
-    assert cpu_kernels.jobs_handed_over() == before
-    for a, b in zip(results[0], again):
-        np.testing.assert_array_equal(a, b)
+        # with lingering off, nothing is handed over (tasks still lingering time out first)
+        with reload_kernels(**{cpu_kernels.LINGER_ENV: "0"}):
+            assert cpu_kernels.available()
+            time.sleep(0.01)
+            before = cpu_kernels.jobs_handed_over()
+            again = jax.block_until_ready(chain(*args))
+            assert cpu_kernels.jobs_handed_over() == before
+            for a, b in zip(results[0], again):
+                np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("value", ["-5", "abc", "2000000"])
-def test_a_bad_linger_is_refused_by_name(monkeypatch, value):
-    monkeypatch.setenv(cpu_kernels.LINGER_ENV, value)
-    cpu_kernels.available.cache_clear()
-    try:
+def test_a_bad_linger_is_refused_by_name(reload_kernels, value):
+    with reload_kernels(**{cpu_kernels.LINGER_ENV: value}):
         with pytest.raises(ValueError, match=f"DSV3_JAX_KERNEL_LINGER_US='{value}': expected "
                                              "whole microseconds from 0"):
             cpu_kernels.available()
-    finally:
-        monkeypatch.delenv(cpu_kernels.LINGER_ENV)
-        cpu_kernels.available.cache_clear()
-        cpu_kernels.available()
 
 
 def test_a_bad_linger_fails_the_import_by_name():

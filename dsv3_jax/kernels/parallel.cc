@@ -6,5 +6,5 @@ extern "C" void Dsv3SetLingerMicroseconds(int64_t microseconds) {
   dsv3::linger_us.store(microseconds < 0 ? 0 : microseconds);
 }
 
-// Jobs handed to lingering tasks so far (tests and diagnostics).
+// Jobs offered to lingering tasks so far (tests and diagnostics).
 extern "C" uint64_t Dsv3JobsHandedOver() { return dsv3::mailbox.posted.load(); }

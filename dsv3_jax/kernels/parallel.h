@@ -48,11 +48,11 @@ struct ParallelJob {
   }
 };
 
-// Where a job is handed to lingering tasks. Never destroyed: pool threads may outlive exit.
+// Where a job is offered to lingering tasks. Never destroyed: pool threads may outlive exit.
 struct Mailbox {
   std::mutex mutex;
-  std::shared_ptr<ParallelJob> job;  // the newest job handed over
-  std::atomic<uint64_t> posted{0};   // jobs handed over so far
+  std::shared_ptr<ParallelJob> job;  // the newest job offered
+  std::atomic<uint64_t> posted{0};   // jobs offered so far
   std::atomic<int> lingering{0};     // tasks polling now
 };
 inline Mailbox& mailbox = *new Mailbox;

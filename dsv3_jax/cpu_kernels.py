@@ -19,7 +19,8 @@ pure-JAX path. Users:
   * `dsv3_jax.grouped_gemm`: the routed experts' grouped GEMMs (`ragged_dot`) and their SwiGLU,
     training too;
   * `dsv3_jax.latent_attention`: absorbed MLA decode attention over the latent cache;
-  * `dsv3_jax.fused_attention`: causal attention for training and prefill, with its gradient.
+  * `dsv3_jax.fused_attention`: causal attention for training and prefill, with its gradient;
+  * `dsv3_jax.skinny_matmul`: weight projections of a few rows (decode steps).
 Built for the machine that builds them (`-march=native`): the CPU's feature flags are part of
 the cache key.
 """
@@ -52,6 +53,7 @@ HANDLERS = {
     "dsv3_latent_attention": "Dsv3LatentAttention",
     "dsv3_causal_attention_fwd": "Dsv3CausalAttentionForward",
     "dsv3_causal_attention_bwd": "Dsv3CausalAttentionBackward",
+    "dsv3_skinny_matmul": "Dsv3SkinnyMatmul",
 }
 BLAS_CHOICES = ("auto", "mkl", "openblas")
 LINGER_ENV, DEFAULT_LINGER_US = "DSV3_JAX_KERNEL_LINGER_US", 50

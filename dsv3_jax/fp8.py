@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import skinny_matmul
 from dsv3_jax.config import FP8_RECIPES
 
 E4M3 = jnp.float8_e4m3fn  # max 448
@@ -153,7 +154,8 @@ def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     of a dot with two row dimensions ("BTD,DF->BTF"), a weight gradient contracting over both,
     ran as a strided transpose of the [B, T, F] cotangent fused into the elementwise op before
     it (measured on 2 cores, a [8, 256, 256] SwiGLU with F = 768, forward and backward:
-    64 ms as written against 35 ms with [B·T] rows)."""
+    64 ms as written against 35 ms with [B·T] rows). A few float32 rows on one CPU device (a
+    decode step's) go through `skinny_matmul`'s kernel instead of XLA's dot."""
     group, rows, contract, cols, out = _gemm_plan(eqn)
     xs, ws, _ = _letters(eqn)
     summed = "".join(c for c in ws if c in contract)  # w's order
@@ -169,7 +171,10 @@ def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     summed = [c for c in ws if c not in group and c in xs]
     dims = (([xs.index(c) for c in summed], [ws.index(c) for c in summed]),
             ([xs.index(c) for c in batch], [ws.index(c) for c in batch]))
-    y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    if not batch and xs[1:] == ws[:1] and skinny_matmul.pays(x, w):
+        y = skinny_matmul.matmul(x, w)  # a few rows on one CPU: x [M, K] · w [K, N]
+    else:
+        y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
     letters = "".join(batch) + "".join(c for c in xs if c not in ws) + "".join(
         c for c in ws if c not in xs)  # dot_general's order: batch, x's free, w's free
     y = jnp.transpose(y, [letters.index(c) for c in out])

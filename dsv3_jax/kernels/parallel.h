@@ -11,7 +11,12 @@
 // posting) lingers, polling for the next job for up to `linger_us` (parallel.cc sets it from
 // DSV3_JAX_KERNEL_LINGER_US, default 50; 0: never), and a call that finds one lingering hands
 // it the job instead of scheduling a task. Long jobs (training, prefill) return their tasks to
-// the pool at once.
+// the pool at once. A lingering task polls with sched_yield, not a pause loop: XLA runs
+// independent thunks on the same pool, so the caller, a thunk on another pool thread and a
+// lingering task can be three runnable threads on two cores, and a task spinning on `pause`
+// kept a core the other two needed for its whole time slice (batch-8 decode with the
+// skinny-projection kernel's many short jobs: some processes 10-30% slower than without it);
+// a yield gives the core to any thread that is waiting for it and costs nothing otherwise.
 #pragma once
 
 #include <algorithm>
@@ -57,14 +62,6 @@ struct Mailbox {
 };
 inline Mailbox& mailbox = *new Mailbox;
 
-inline void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
 // A pool task: helps with `job`, then, after a short one, with jobs handed over while it
 // lingers.
 inline void Help(std::shared_ptr<ParallelJob> job) {
@@ -80,7 +77,7 @@ inline void Help(std::shared_ptr<ParallelJob> job) {
     bool handed = false;
     while (!(handed = mailbox.posted.load(std::memory_order_acquire) != seen) &&
            Clock::now() < until)
-      for (int i = 0; i < 64; ++i) Pause();
+      std::this_thread::yield();  // the core to any runnable thread (header comment)
     mailbox.lingering.fetch_sub(1);
     if (!handed) return;
     std::lock_guard<std::mutex> lock(mailbox.mutex);

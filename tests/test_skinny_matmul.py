@@ -1,0 +1,76 @@
+"""The few-rows projection kernel (`dsv3_jax.skinny_matmul`, an XLA FFI call into a BLAS) against
+NumPy, and where `layers.project` takes it: float32 projections of at most MAX_ROWS rows on
+one CPU device, with the derivatives of XLA's dot."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import ModelConfig, fp8, skinny_matmul
+from dsv3_jax.layers import Weight, project
+
+
+@pytest.mark.usefixtures("each_blas")
+@pytest.mark.parametrize("M, K, N", [
+    (1, 256, 768),  # a decode step's token: the columns split over the threads
+    (8, 96, 200),  # N not a multiple of the 16-column block edges
+    (32, 64, 48),  # N below one block: one sgemm
+    (3, 1, 5),  # K = 1
+])
+def test_kernel_matches_numpy(M, K, N):
+    """≤ 1e-5 of the largest value (float32 accumulation over K)."""
+    rng = np.random.default_rng(M * K * N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    assert skinny_matmul.pays(jnp.asarray(x), jnp.asarray(w))
+    y = np.asarray(jax.jit(skinny_matmul.matmul)(x, w))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def _lowered(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_project_takes_the_kernel_for_a_few_float32_rows_and_keeps_dots_gradients():
+    """`project("BTD,DNH->BTNH")` of 2 × 3 tokens runs the kernel (one call in the lowered
+    program) and equals the einsum to float32 noise, and so do its gradients (XLA's dot);
+    8 × 16 tokens (past MAX_ROWS), bfloat16, or an equation with
+    a batch letter (the absorbed decode's "BTNH,NHC->BTNC"-like per-head products) keep XLA's
+    dot."""
+    config = ModelConfig.preset("tiny")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 4, 8)), jnp.float32)
+    eqn = "BTD,DNH->BTNH"
+    fn = lambda x, w: project(eqn, x, Weight(w), config, out_dtype=jnp.float32)
+    assert _lowered(fn, x, w).count("dsv3_skinny_matmul") == 1
+    ref = np.einsum("btd,dnh->btnh", np.float64(x), np.float64(w))
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, w)), ref, rtol=0,
+                               atol=1e-5 * np.abs(ref).max())
+    loss = lambda f: jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1))
+    got = jax.jit(loss(fn))(x, w)
+    want = jax.jit(loss(lambda x, w: jnp.einsum(eqn, x, w,
+                                                preferred_element_type=jnp.float32)))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=1e-5 * float(jnp.abs(b).max()))
+
+    many = jnp.ones((8, 16, 64), jnp.float32)  # 128 rows > MAX_ROWS
+    assert skinny_matmul.MAX_ROWS < 128
+    assert "dsv3_skinny_matmul" not in _lowered(fn, many, w)
+    bf16 = config.replace(dtype="bfloat16")
+    assert "dsv3_skinny_matmul" not in _lowered(
+        lambda x, w: project(eqn, x, Weight(w), bf16), x, w)
+    per_head = lambda q, k: fp8.project("BTNH,NHC->BTNC", q, k)
+    assert "dsv3_skinny_matmul" not in _lowered(per_head, jnp.ones((1, 1, 4, 8)),
+                                                jnp.ones((4, 8, 16)))
+
+
+def test_bad_operands_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"x \(2, 3\), w \(4, 5\): expected x \[M, K\]"):
+        skinny_matmul.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="float32 only"):
+        skinny_matmul.matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 5), jnp.bfloat16))
+    assert not skinny_matmul.pays(jnp.ones((0, 3)), jnp.ones((3, 5)))  # no rows: XLA's dot

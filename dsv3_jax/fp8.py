@@ -143,6 +143,28 @@ def _gemm_plan(eqn: str):
     return group, rows, contract, cols, out
 
 
+def _skinny_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array | None:
+    """einsum(eqn, x, w) through `skinny_matmul` when it runs here (`skinny_matmul.pays`: a few
+    float32 rows on one CPU device), else None. The equation must have no letter shared by all
+    three operands and w's contracted letters must come before its column letters, so w is read
+    as stored, [K, N]; x, a few rows, is transposed to [M, K] (its rows in x's order, its
+    contracted letters in w's), which also covers heads-first activations ("BNTA,NAD->BTD",
+    the absorbed decode's o_proj)."""
+    xs, ws, out = _letters(eqn)
+    k = [c for c in ws if c in xs]
+    m, n = [c for c in xs if c not in ws], [c for c in ws if c not in xs]
+    if any(c in out for c in k) or ws != "".join(k + n) or sorted(out) != sorted(m + n):
+        return None
+    size = {**dict(zip(xs, x.shape, strict=True)), **dict(zip(ws, w.shape, strict=True))}
+    rows, depth, width = (math.prod(size[c] for c in part) for part in (m, k, n))
+    if not skinny_matmul.pays(jax.ShapeDtypeStruct((rows, depth), x.dtype),
+                              jax.ShapeDtypeStruct((depth, width), w.dtype)):
+        return None
+    x2 = jnp.transpose(x, [xs.index(c) for c in m + k]).reshape(rows, depth)
+    y = skinny_matmul.matmul(x2, w.reshape(depth, width)).reshape([size[c] for c in m + n])
+    return jnp.transpose(y, [(m + n).index(c) for c in out])
+
+
 def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(eqn, x, w) in float32 as one dot_general of (at most) 2-D operands: each run of
     row, contracted and column letters that sits together in both its operands and the output
@@ -155,7 +177,10 @@ def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     ran as a strided transpose of the [B, T, F] cotangent fused into the elementwise op before
     it (measured on 2 cores, a [8, 256, 256] SwiGLU with F = 768, forward and backward:
     64 ms as written against 35 ms with [B·T] rows). A few float32 rows on one CPU device (a
-    decode step's) go through `skinny_matmul`'s kernel instead of XLA's dot."""
+    decode step's) go through `skinny_matmul`'s kernel instead (`_skinny_projection`)."""
+    skinny = _skinny_projection(eqn, x, w)
+    if skinny is not None:
+        return skinny
     group, rows, contract, cols, out = _gemm_plan(eqn)
     xs, ws, _ = _letters(eqn)
     summed = "".join(c for c in ws if c in contract)  # w's order
@@ -171,10 +196,7 @@ def _plain_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     summed = [c for c in ws if c not in group and c in xs]
     dims = (([xs.index(c) for c in summed], [ws.index(c) for c in summed]),
             ([xs.index(c) for c in batch], [ws.index(c) for c in batch]))
-    if not batch and xs[1:] == ws[:1] and skinny_matmul.pays(x, w):
-        y = skinny_matmul.matmul(x, w)  # a few rows on one CPU: x [M, K] · w [K, N]
-    else:
-        y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
     letters = "".join(batch) + "".join(c for c in xs if c not in ws) + "".join(
         c for c in ws if c not in xs)  # dot_general's order: batch, x's free, w's free
     y = jnp.transpose(y, [letters.index(c) for c in out])

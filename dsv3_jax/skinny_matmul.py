@@ -30,9 +30,10 @@ from dsv3_jax import cpu_kernels
 MAX_ROWS = 64
 
 
-def pays(x: jax.Array, w: jax.Array) -> bool:
+def pays(x: jax.Array | jax.ShapeDtypeStruct, w: jax.Array | jax.ShapeDtypeStruct) -> bool:
     """Whether `matmul(x, w)` runs the kernel here: x [M, K] and w [K, N] float32 with
-    1 ≤ M ≤ MAX_ROWS, traced for one CPU device with the kernels built."""
+    1 ≤ M ≤ MAX_ROWS, traced for one CPU device with the kernels built (arrays or their
+    shapes)."""
     return (x.ndim == 2 and w.ndim == 2 and x.shape[1] == w.shape[0]
             and 1 <= x.shape[0] <= MAX_ROWS and min(w.shape) >= 1
             and cpu_kernels.runs_here(x.dtype, w.dtype))

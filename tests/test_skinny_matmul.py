@@ -33,20 +33,24 @@ def _lowered(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-def test_project_takes_the_kernel_for_a_few_float32_rows_and_keeps_dots_gradients():
-    """`project("BTD,DNH->BTNH")` of 2 × 3 tokens runs the kernel (one call in the lowered
+@pytest.mark.parametrize("eqn, x_shape, w_shape", [
+    ("BTD,DNH->BTNH", (2, 3, 64), (64, 4, 8)),  # rows and columns merged
+    ("BNTA,NAD->BTD", (2, 4, 3, 8), (4, 8, 64)),  # heads-first rows: x transposed first
+    ("BTQ,QNH->BNTH", (2, 1, 16), (16, 4, 8)),  # heads-first output
+])
+def test_project_takes_the_kernel_for_a_few_float32_rows_and_keeps_dots_gradients(
+        eqn, x_shape, w_shape):
+    """`project(eqn)` of 2 × 3 (or 2 × 1) tokens runs the kernel (one call in the lowered
     program) and equals the einsum to float32 noise, and so do its gradients (XLA's dot);
-    8 × 16 tokens (past MAX_ROWS), bfloat16, or an equation with
-    a batch letter (the absorbed decode's "BTNH,NHC->BTNC"-like per-head products) keep XLA's
-    dot."""
+    64 times the batch (past MAX_ROWS), bfloat16, or an equation with a batch letter (the absorbed
+    decode's "BTNH,NHC->BTNC"-like per-head products) keep XLA's dot."""
     config = ModelConfig.preset("tiny")
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((64, 4, 8)), jnp.float32)
-    eqn = "BTD,DNH->BTNH"
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
     fn = lambda x, w: project(eqn, x, Weight(w), config, out_dtype=jnp.float32)
     assert _lowered(fn, x, w).count("dsv3_skinny_matmul") == 1
-    ref = np.einsum("btd,dnh->btnh", np.float64(x), np.float64(w))
+    ref = np.einsum(eqn.lower(), np.float64(x), np.float64(w))
     np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, w)), ref, rtol=0,
                                atol=1e-5 * np.abs(ref).max())
     loss = lambda f: jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1))
@@ -57,12 +61,17 @@ def test_project_takes_the_kernel_for_a_few_float32_rows_and_keeps_dots_gradient
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
                                    atol=1e-5 * float(jnp.abs(b).max()))
 
-    many = jnp.ones((8, 16, 64), jnp.float32)  # 128 rows > MAX_ROWS
-    assert skinny_matmul.MAX_ROWS < 128
+    many = jnp.ones((64 * x_shape[0], *x_shape[1:]), jnp.float32)  # B is a row letter
+    assert skinny_matmul.MAX_ROWS < many.shape[0]  # its rows: at least the batch
     assert "dsv3_skinny_matmul" not in _lowered(fn, many, w)
     bf16 = config.replace(dtype="bfloat16")
     assert "dsv3_skinny_matmul" not in _lowered(
         lambda x, w: project(eqn, x, Weight(w), bf16), x, w)
+
+
+def test_per_head_products_keep_xlas_dot():
+    """A letter in all three operands (the absorbed decode's per-head products) is a batch of
+    products, not one projection: XLA's dot."""
     per_head = lambda q, k: fp8.project("BTNH,NHC->BTNC", q, k)
     assert "dsv3_skinny_matmul" not in _lowered(per_head, jnp.ones((1, 1, 4, 8)),
                                                 jnp.ones((4, 8, 16)))

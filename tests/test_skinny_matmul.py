@@ -42,8 +42,7 @@ def test_project_takes_the_kernel_for_a_few_float32_rows_and_keeps_dots_gradient
         eqn, x_shape, w_shape):
     """`project(eqn)` of 2 × 3 (or 2 × 1) tokens runs the kernel (one call in the lowered
     program) and equals the einsum to float32 noise, and so do its gradients (XLA's dot);
-    64 times the batch (past MAX_ROWS), bfloat16, or an equation with a batch letter (the absorbed
-    decode's "BTNH,NHC->BTNC"-like per-head products) keep XLA's dot."""
+    64 times the batch (past MAX_ROWS) or bfloat16 keep XLA's dot."""
     config = ModelConfig.preset("tiny")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)

@@ -18,6 +18,10 @@ BENCH_ENV = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CAC
 RUNS = {  # module: (tiny-size arguments, expected keys of its JSON line)
     "compile_time": (["--layers", "2"], {
         "benchmark", "preset", "seconds", "ratio", "depth_ratio"}),
+    "decode_warmup": (["--config", "tiny", "--context", "32", "--steps", "3", "--repeats",
+                       "2", "--passes", "1"], {
+        "benchmark", "config", "batch", "context", "start", "steps", "mean_ms", "per_step_ms",
+        "first_over_last", "backend"}),
     "decode": (["--preset", "tiny", "--context", "64"], {
         "benchmark", "preset", "context", "batch", "absorbed_ms", "full_latent_ms",
         "full_per_head_cache_ms", "full_latent_over_absorbed", "per_head_over_absorbed",
@@ -81,6 +85,14 @@ def test_benchmark_smoke(name):
                    record["full_per_head_cache_ms"]) > 0
         # tiny: C = 32 latent + R = 8 rope values vs 4 heads x (16 + 8 + 16), bf16
         assert record["cache_bytes_per_token_bf16"] == {"latent": 80, "per_head": 320}
+    elif name == "decode_warmup":  # one line per start, each step timed
+        assert [r["start"] for r in lines] == ["after_prefill", "after_passes", "warm_copy"]
+        for r in lines:
+            assert (r["config"], r["context"], r["steps"]) == ("tiny", 32, 3)
+            assert len(r["per_step_ms"]) == 3 and min(r["per_step_ms"]) > 0
+            assert r["mean_ms"] == pytest.approx(sum(r["per_step_ms"]) / 3, rel=0.01)
+            assert r["first_over_last"] == pytest.approx(
+                r["per_step_ms"][0] / r["per_step_ms"][-1], rel=0.05)
     elif name == "moe_decode":  # one token on this CPU: the grouped-GEMM kernel
         assert record["model_picks"] == "ragged"
         assert min(record["picked_ms"], record["blocks_ms"]) > 0
@@ -147,6 +159,8 @@ def test_accelerator_script_refuses_a_cpu_without_dry_run():
     ("profile_ops", ["--config", "{bad"], "--config {bad: Expecting property name"),
     ("moe_vs_dense", ["--tokens", "100"], "--tokens 100: must be a multiple of 512"),
     ("compile_time", ["--layers", "x"], "argument --layers: 'x' is not an integer"),
+    ("decode_warmup", ["--context", "5000"],
+     "--context 5000 + --steps 16 exceed the config's max_position_embeddings=4096"),
 ])
 def test_bad_arguments_are_one_error_line(name, args, message):
     """A bad count, config or preset: argparse's usage and one `PROG: error: …` line naming the

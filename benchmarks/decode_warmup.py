@@ -83,7 +83,7 @@ def main():
         report(benchmark="decode_warmup", config=args.config, batch=args.batch,
                context=args.context, start=mode, steps=args.steps,
                mean_ms=round(statistics.mean(ms), 3), per_step_ms=[round(m, 3) for m in ms],
-               first_over_last=round(ms[0] / ms[-1], 2), backend=jax.default_backend())
+               first_over_last=float(f"{ms[0] / ms[-1]:.3g}"), backend=jax.default_backend())
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ def test_benchmark_smoke(name):
             assert (r["config"], r["context"], r["steps"]) == ("tiny", 32, 3)
             assert len(r["per_step_ms"]) == 3 and min(r["per_step_ms"]) > 0
             assert r["mean_ms"] == pytest.approx(sum(r["per_step_ms"]) / 3, rel=0.01)
-            assert r["first_over_last"] == pytest.approx(
-                r["per_step_ms"][0] / r["per_step_ms"][-1], rel=0.05)
+            assert r["first_over_last"] == pytest.approx(  # 3 significant digits
+                r["per_step_ms"][0] / r["per_step_ms"][-1], rel=0.01)
     elif name == "moe_decode":  # one token on this CPU: the grouped-GEMM kernel
         assert record["model_picks"] == "ragged"
         assert min(record["picked_ms"], record["blocks_ms"]) > 0

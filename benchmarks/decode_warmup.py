@@ -76,7 +76,7 @@ def main():
             index = jnp.int32(args.context)
             for i in range(args.steps):
                 begin = time.perf_counter()
-                token, cache, index = ours._step(ours.layers, token, cache, index)
+                token, cache, index = ours.step(ours.layers, token, cache, index)
                 jax.block_until_ready(token)
                 per_step[i].append(time.perf_counter() - begin)
         ms = [statistics.median(t[1:] or t) * 1e3 for t in per_step]

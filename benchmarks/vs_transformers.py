@@ -136,7 +136,7 @@ class Ours:
             out = unstacked.forward(c, layers, token, cache=cache, cache_index=index)
             return out.logits[:, -1:].argmax(-1).astype(jnp.int32), out.cache, index + 1
 
-        self._prefill, self._step = prefill, step
+        self._prefill, self.step = prefill, step
 
     def train(self, tokens):
         jax.block_until_ready(self._grad(self.variables["params"], tokens))
@@ -147,7 +147,7 @@ class Ours:
     def decode(self, cache, token, index, steps):
         index = jnp.int32(index)  # carried on device, as a serving loop would
         for _ in range(steps):
-            token, cache, index = self._step(self.layers, token, cache, index)
+            token, cache, index = self.step(self.layers, token, cache, index)
         return jax.block_until_ready(token)
 
     def generate(self, tokens, new):

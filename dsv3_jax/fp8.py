@@ -150,10 +150,10 @@ def _skinny_projection(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array | None
     as stored, [K, N]; x, a few rows, is transposed to [M, K] (its rows in x's order, its
     contracted letters in w's), which also covers heads-first activations ("BNTA,NAD->BTD",
     the absorbed decode's o_proj)."""
-    xs, ws, out = _letters(eqn)
-    k = [c for c in ws if c in xs]
-    m, n = [c for c in xs if c not in ws], [c for c in ws if c not in xs]
-    if any(c in out for c in k) or ws != "".join(k + n) or sorted(out) != sorted(m + n):
+    group, rows, contract, cols, out = _gemm_plan(eqn)
+    xs, ws, _ = _letters(eqn)
+    k, m, n = [c for c in ws if c in contract], list(rows), list(cols)  # k in w's order
+    if group or ws != "".join(k + n):
         return None
     size = {**dict(zip(xs, x.shape, strict=True)), **dict(zip(ws, w.shape, strict=True))}
     rows, depth, width = (math.prod(size[c] for c in part) for part in (m, k, n))

@@ -46,6 +46,7 @@ from dsv3_jax import (
 from dsv3_jax.accounting import decode_step_bytes, flops_per_token
 from dsv3_jax.config import NON_HF_FIELDS
 from dsv3_jax.model import init_cache, init_variables
+from dsv3_jax.sampling import greedy
 from dsv3_jax.training.step import cross_entropy
 
 FIGURES = ("train", "prefill", "decode", "generate")
@@ -126,7 +127,7 @@ class Ours:
             out = net.apply(variables, tokens, cache=init_cache(c, tokens.shape[0], length),
                             cache_index=0, mtp=False)
             return (unstacked.unstack_cache(out.cache),
-                    out.logits[:, -1:].argmax(-1).astype(jnp.int32))
+                    greedy(out.logits[:, -1:]))
 
         # decode steps as generate() runs them: per-layer weights and caches, split once
         self.layers = jax.device_put(unstacked.unstack_variables(c, self.variables))
@@ -134,7 +135,7 @@ class Ours:
         @functools.partial(jax.jit, donate_argnums=2)
         def step(layers, token, cache, index):
             out = unstacked.forward(c, layers, token, cache=cache, cache_index=index)
-            return out.logits[:, -1:].argmax(-1).astype(jnp.int32), out.cache, index + 1
+            return greedy(out.logits[:, -1:]), out.cache, index + 1
 
         self._prefill, self.step = prefill, step
 

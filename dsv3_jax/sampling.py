@@ -2,6 +2,11 @@
 
 Dimension key: B batch · K drafted tokens per round · V vocab.
 
+`greedy` is `jnp.argmax` over the vocabulary computed as a max and then the first index that
+holds it: two plain reductions, which XLA:CPU vectorizes, where argmax's (value, index) pair
+reduction runs element by element (8 × 512 logits: 33 → 9 µs a call; 1 × 129,280, the V3
+vocabulary: 389 → 155 µs).
+
 Nucleus (top-p) sampling keeps the smallest set of most-likely tokens whose probability reaches
 top_p (always at least the most likely one), renormalizes, and samples at `temperature`.
 `nucleus_probs` is that distribution; `sample_token` draws from it.
@@ -32,10 +37,22 @@ def nucleus_probs(logits: jax.Array, temperature, top_p) -> jax.Array:
     return jnp.take_along_axis(kept, jnp.argsort(order, axis=-1), axis=-1)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """argmax over the last axis as int32 [...] of logits [..., V], with `jnp.argmax`'s ties
+    and NaNs: the first maximal index, or the first NaN's (module docstring)."""
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError(f"greedy: logits {logits.shape} have an empty last (vocabulary) axis")
+    hit = logits == logits.max(-1, keepdims=True)
+    if jnp.issubdtype(logits.dtype, jnp.inexact):
+        hit |= jnp.isnan(logits)  # the max is NaN then, equal to nothing
+    return jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V).min(-1)
+
+
 def sample_token(logits: jax.Array, rng: jax.Array | None, temperature, top_p) -> jax.Array:
     """Next token [B] from logits [B, V]: argmax when rng is None, else nucleus sampling."""
     if rng is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     return sample_from(nucleus_probs(logits, temperature, top_p), rng)
 
 
@@ -53,7 +70,7 @@ def accept_greedy(drafts: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.
     Returns:
       (accepted [B] in 0..K, tokens [B, K+1]): the first accepted + 1 tokens are the output.
     """
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, K+1]
+    best = greedy(logits)  # [B, K+1]
     accepted = jnp.cumprod(drafts == best[:, :-1], axis=1).sum(axis=1)
     return accepted.astype(jnp.int32), best  # accepted drafts equal best, so best is the output
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax.decode import sample_token
+from dsv3_jax.sampling import greedy
 
 N = 100_000
 TOL = 0.01
@@ -29,6 +30,27 @@ def frequencies(logits, key, temperature, top_p):
 def test_without_a_key_it_is_argmax():
     logits = jnp.array([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 3.5]])
     np.testing.assert_array_equal(sample_token(logits, None, 1.0, 1.0), [1, 3])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_greedy_is_numpy_argmax_with_its_ties_and_nans(dtype):
+    rng = np.random.default_rng(0)
+    # few distinct values, so most rows hold ties; ±inf rows; NaNs, which argmax takes as max
+    x = rng.integers(-3, 4, (6, 5, 37)).astype(np.float32)
+    if dtype != jnp.int32:
+        x[0, 0] = -np.inf
+        x[0, 1, 5] = np.inf
+        x[1, :3, [4, 20]] = np.nan
+        x[2, 0, 36] = np.nan
+    xs = jnp.asarray(x, dtype)
+    want = np.argmax(np.asarray(xs, np.float32) if dtype == jnp.bfloat16 else np.asarray(xs), -1)
+    got = jax.jit(greedy)(xs)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+    big = jnp.asarray(rng.normal(size=(3, 129_280)) * 100, dtype)  # the V3 vocabulary
+    np.testing.assert_array_equal(greedy(big), np.argmax(np.asarray(big, np.float32), -1))
+    with pytest.raises(ValueError, match="empty last"):
+        greedy(jnp.zeros((2, 0)))
 
 
 def test_different_seeds_draw_different_tokens():

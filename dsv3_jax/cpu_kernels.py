@@ -3,9 +3,10 @@ with XLA:CPU.
 
 The handlers call a single-threaded BLAS `sgemm` (`kernels/blas.h`) and split their work over
 XLA's own intra-op thread pool (`kernels/parallel.h`). A pool task that helped with a short
-job lingers for the next one, up to `DSV3_JAX_KERNEL_LINGER_US` microseconds (default 50;
-0 never lingers; another value fails the import): a decode step's kernel calls come closer
-together than a parked pool thread takes to wake. The BLAS is Intel MKL's sequential one
+job lingers for the next one, up to `DSV3_JAX_KERNEL_LINGER_US` microseconds (default 1000;
+0 never lingers; another value fails the import), at most the pool's threads but one at a
+time: a decode step's kernel calls, and its next step's, come closer together than a parked
+pool thread takes to wake. The BLAS is Intel MKL's sequential one
 where the `mkl` wheel is installed (the `[mkl]` extra: 10-25% faster than OpenBLAS on the
 kernels' skinny products on an AVX-512 Xeon), else OpenBLAS (the `scipy-openblas32` wheel,
 linked); `DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import),
@@ -56,7 +57,7 @@ HANDLERS = {
     "dsv3_skinny_matmul": "Dsv3SkinnyMatmul",
 }
 BLAS_CHOICES = ("auto", "mkl", "openblas")
-LINGER_ENV, DEFAULT_LINGER_US = "DSV3_JAX_KERNEL_LINGER_US", 50
+LINGER_ENV, DEFAULT_LINGER_US = "DSV3_JAX_KERNEL_LINGER_US", 1000
 _MKL_THREADING_SEQUENTIAL, _MKL_INTERFACE_LP64 = 1, 0
 _log = logging.getLogger(__name__)
 _blas_in_use: str | None = None
@@ -183,6 +184,18 @@ def jobs_handed_over() -> int:
     time out just before taking its job: the calling thread then runs it all); 0 where the
     kernels are unavailable."""
     return int(_library.Dsv3JobsHandedOver()) if available() else 0
+
+
+def most_lingering() -> int:
+    """The most pool tasks that lingered at once in this process so far: never more than the
+    pool's threads but one (`kernels/parallel.h`); 0 where the kernels are unavailable."""
+    return int(_library.Dsv3MostLingering()) if available() else 0
+
+
+def pool_threads() -> int:
+    """The threads of XLA's intra-op pool that the last kernel call split its work over (XLA
+    sizes it by cores, or by emulated devices where there are more); 0 before any call."""
+    return int(_library.Dsv3PoolThreads()) if available() else 0
 
 
 @functools.cache

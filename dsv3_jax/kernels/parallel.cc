@@ -8,3 +8,9 @@ extern "C" void Dsv3SetLingerMicroseconds(int64_t microseconds) {
 
 // Jobs offered to lingering tasks so far (tests and diagnostics).
 extern "C" uint64_t Dsv3JobsHandedOver() { return dsv3::mailbox.posted.load(); }
+
+// The most pool tasks that lingered at once so far (tests and diagnostics).
+extern "C" int Dsv3MostLingering() { return dsv3::mailbox.most_lingering.load(); }
+
+// The threads of the pool the last kernel call ran on (tests and diagnostics).
+extern "C" int Dsv3PoolThreads() { return dsv3::mailbox.pool_threads.load(); }

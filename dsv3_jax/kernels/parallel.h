@@ -9,14 +9,24 @@
 // A decode step calls the kernels tens of microseconds apart, and a parked pool thread takes
 // about that long to wake: a task that helped with a short job (done within kShortJob of its
 // posting) lingers, polling for the next job for up to `linger_us` (parallel.cc sets it from
-// DSV3_JAX_KERNEL_LINGER_US, default 50; 0: never), and a call that finds one lingering hands
-// it the job instead of scheduling a task. Long jobs (training, prefill) return their tasks to
-// the pool at once. A lingering task polls with sched_yield, not a pause loop: XLA runs
-// independent thunks on the same pool, so the caller, a thunk on another pool thread and a
-// lingering task can be three runnable threads on two cores, and a task spinning on `pause`
+// DSV3_JAX_KERNEL_LINGER_US, default 1000; 0: never), and a call that finds one lingering
+// hands it the job instead of scheduling a task. Long jobs (training, prefill) return their
+// tasks to the pool at once. A lingering task polls with sched_yield, not a pause loop: XLA
+// runs independent thunks on the same pool, so the caller, a thunk on another pool thread and
+// a lingering task can be three runnable threads on two cores, and a task spinning on `pause`
 // kept a core the other two needed for its whole time slice (batch-8 decode with the
 // skinny-projection kernel's many short jobs: some processes 10-30% slower than without it);
-// a yield gives the core to any thread that is waiting for it and costs nothing otherwise.
+// a yield gives the core to any thread that is waiting for it. Waiting on a condition
+// variable instead (a futex) made each handover wait for a wake-up: bench decode steps 1.37 →
+// 1.85 ms (batch 1), 3.3 → 4.9 ms (batch 8).
+//
+// At most `helpers` (the pool's threads but one, what one call asks for) tasks linger at a
+// time: with two kernel calls running at once (XLA's concurrent thunks, batch-8 decode) both
+// helpers lingered, and two yielding pool threads beside the calling thread kept three
+// threads runnable on two cores. Capped, the linger can outlast the gap between two decode
+// steps (Python's dispatch of the next call, ~0.2 ms), so the next step finds its helper
+// awake: bench decode per-call steps, warm, 50 µs uncapped → 1000 µs capped: batch 1
+// 1.31-1.33 → 1.09-1.19 ms, batch 8 3.34-3.41 → 2.95-3.49 ms.
 #pragma once
 
 #include <algorithm>
@@ -37,11 +47,12 @@ using Clock = std::chrono::steady_clock;
 // A job done within this long of its posting is short: its helpers linger after it.
 constexpr std::chrono::microseconds kShortJob{150};
 
-inline std::atomic<int64_t> linger_us{50};
+inline std::atomic<int64_t> linger_us{1000};
 
 struct ParallelJob {
   std::function<void(int64_t)> work;
   int64_t units;
+  int64_t helpers;  // pool tasks a call asks for: also the most that may linger
   std::atomic<int64_t> next{0}, done{0};
   Clock::time_point posted = Clock::now();
 
@@ -59,6 +70,8 @@ struct Mailbox {
   std::shared_ptr<ParallelJob> job;  // the newest job offered
   std::atomic<uint64_t> posted{0};   // jobs offered so far
   std::atomic<int> lingering{0};     // tasks polling now
+  std::atomic<int> most_lingering{0};
+  std::atomic<int> pool_threads{0};  // the most that ever polled at once (diagnostics)
 };
 inline Mailbox& mailbox = *new Mailbox;
 
@@ -68,11 +81,19 @@ inline void Help(std::shared_ptr<ParallelJob> job) {
   while (job) {
     job->Drain();
     const bool short_job = Clock::now() - job->posted < kShortJob;
+    const int64_t helpers = job->helpers;
     job.reset();
     const std::chrono::microseconds linger{linger_us.load(std::memory_order_relaxed)};
     if (!short_job || linger.count() <= 0) return;
     const uint64_t seen = mailbox.posted.load(std::memory_order_acquire);
-    mailbox.lingering.fetch_add(1);
+    const int now = mailbox.lingering.fetch_add(1) + 1;
+    if (now > helpers) {  // enough are lingering already
+      mailbox.lingering.fetch_sub(1);
+      return;
+    }
+    for (int most = mailbox.most_lingering.load(); now > most &&
+         !mailbox.most_lingering.compare_exchange_weak(most, now);) {
+    }
     const Clock::time_point until = Clock::now() + linger;
     bool handed = false;
     while (!(handed = mailbox.posted.load(std::memory_order_acquire) != seen) &&
@@ -91,6 +112,8 @@ inline void Parallel(xla::ffi::ThreadPool& pool, int64_t units,
   job->work = std::move(work);
   job->units = units;
   int64_t tasks = std::min<int64_t>(pool.num_threads() - 1, units - 1);
+  job->helpers = pool.num_threads() - 1;
+  mailbox.pool_threads.store(pool.num_threads(), std::memory_order_relaxed);
   const int64_t lingering = mailbox.lingering.load();
   if (tasks > 0 && lingering > 0) {
     {

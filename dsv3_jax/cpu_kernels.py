@@ -4,13 +4,14 @@ with XLA:CPU.
 The handlers call a single-threaded BLAS `sgemm` (`kernels/blas.h`) and split their work over
 XLA's own intra-op thread pool (`kernels/parallel.h`). A pool task that helped with a short
 job lingers for the next one, up to `DSV3_JAX_KERNEL_LINGER_US` microseconds (default 1000;
-0 never lingers; another value fails the import), at most the pool's threads but one at a
-time: a decode step's kernel calls, and its next step's, come closer together than a parked
-pool thread takes to wake. The BLAS is Intel MKL's sequential one
-where the `mkl` wheel is installed (the `[mkl]` extra: 10-25% faster than OpenBLAS on the
-kernels' skinny products on an AVX-512 Xeon), else OpenBLAS (the `scipy-openblas32` wheel,
-linked); `DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import),
-`blas()` says which is in use.
+0 never lingers; another value fails the import), no more at once than one call's helpers (a
+call splits over XLA's pool's threads, at most the usable cores: `threads()`): a decode
+step's kernel calls, and its next step's, come closer together than a parked pool thread
+takes to wake. The BLAS is Intel MKL's sequential one where the `mkl` wheel is installed
+(the `[mkl]` extra: 10-25% faster than OpenBLAS on the kernels' skinny products on an
+AVX-512 Xeon), else OpenBLAS (the `scipy-openblas32` wheel, linked);
+`DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import), `blas()` says
+which is in use.
 
 All sources compile into one library (~5 s with the system's C++ compiler, `$CXX` or `c++`,
 against jaxlib's FFI headers), cached under `$DSV3_JAX_KERNEL_CACHE` (default
@@ -187,15 +188,16 @@ def jobs_handed_over() -> int:
 
 
 def most_lingering() -> int:
-    """The most pool tasks that lingered at once in this process so far: never more than the
-    pool's threads but one (`kernels/parallel.h`); 0 where the kernels are unavailable."""
+    """The most pool tasks that lingered at once in this process so far: never more than
+    `threads()` but one (`kernels/parallel.h`); 0 where the kernels are unavailable."""
     return int(_library.Dsv3MostLingering()) if available() else 0
 
 
-def pool_threads() -> int:
-    """The threads of XLA's intra-op pool that the last kernel call split its work over (XLA
-    sizes it by cores, or by emulated devices where there are more); 0 before any call."""
-    return int(_library.Dsv3PoolThreads()) if available() else 0
+def threads() -> int:
+    """How many threads the last kernel call split its work over: XLA's intra-op pool's, at
+    most the cores this process may use (XLA sizes the pool by emulated devices where there
+    are more of them than cores); 0 before any call."""
+    return int(_library.Dsv3Threads()) if available() else 0
 
 
 @functools.cache

@@ -76,11 +76,9 @@ def test_lingering_tasks_take_the_next_jobs_and_change_no_result(reload_kernels)
 
 def test_no_more_tasks_linger_at_once_than_one_call_asks_for():
     # Threads calling kernels at once (as XLA runs independent thunks at batch-8 decode): each
-    # call asks for the pool's threads but one, and uncapped the helpers of concurrent calls
+    # call asks for `threads()` but one helpers, and uncapped the helpers of concurrent calls
     # all lingered (2 on a 2-core machine: this caught that in 6 of 6 runs), keeping three
-    # threads runnable on two cores. One
-    # device, in a process of its own: XLA sizes the pool by the emulated devices where there
-    # are more of them than cores (this test process has 8).
+    # threads runnable on two cores. In a one-device process of its own, as decode runs.
     program = (
         "import sys, threading, jax; sys.path.insert(0, 'tests')\n"
         "from test_parallel import _kernel_calls\n"
@@ -90,14 +88,14 @@ def test_no_more_tasks_linger_at_once_than_one_call_asks_for():
         "calls()\n"
         "threads = [threading.Thread(target=calls) for _ in range(4)]\n"
         "[t.start() for t in threads]; [t.join() for t in threads]\n"
-        "print(cpu_kernels.most_lingering(), cpu_kernels.pool_threads())\n")
+        "print(cpu_kernels.most_lingering(), cpu_kernels.threads())\n")
     env = {**os.environ, cpu_kernels.LINGER_ENV: "2000",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    most, pool = map(int, done.stdout.split())
-    assert 1 <= most <= pool - 1, (most, pool)
+    most, threads = map(int, done.stdout.split())
+    assert 1 <= most <= threads - 1, (most, threads)
 
 
 @pytest.mark.parametrize("value", ["-5", "abc", "2000000"])

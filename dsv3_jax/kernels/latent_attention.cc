@@ -171,7 +171,7 @@ ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> c_kv,
   float* result = out->typed_data();
   // Fewer sequences than twice the threads: each sequence's slots are split into pieces
   // (with few rows) or its rows are (with many).
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = dsv3::Threads(pool);
   const int64_t wanted = std::max<int64_t>(1, (2 * threads + B - 1) / B);
   const int64_t longest = *std::max_element(reach.begin(), reach.end());
   const int64_t slot_pieces = std::clamp<int64_t>(longest / kMinSlots, 1, wanted);

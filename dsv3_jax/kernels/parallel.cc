@@ -12,5 +12,5 @@ extern "C" uint64_t Dsv3JobsHandedOver() { return dsv3::mailbox.posted.load(); }
 // The most pool tasks that lingered at once so far (tests and diagnostics).
 extern "C" int Dsv3MostLingering() { return dsv3::mailbox.most_lingering.load(); }
 
-// The threads of the pool the last kernel call ran on (tests and diagnostics).
-extern "C" int Dsv3PoolThreads() { return dsv3::mailbox.pool_threads.load(); }
+// The threads the last kernel call split its work over (tests and diagnostics).
+extern "C" int Dsv3Threads() { return dsv3::mailbox.threads.load(); }

@@ -20,13 +20,13 @@
 // variable instead (a futex) made each handover wait for a wake-up: bench decode steps 1.37 →
 // 1.85 ms (batch 1), 3.3 → 4.9 ms (batch 8).
 //
-// At most `helpers` (the pool's threads but one, what one call asks for) tasks linger at a
+// At most `helpers` (Threads() but one, what one call asks for) tasks linger at a
 // time: with two kernel calls running at once (XLA's concurrent thunks, batch-8 decode) both
 // helpers lingered, and two yielding pool threads beside the calling thread kept three
 // threads runnable on two cores. Capped, the linger can outlast the gap between two decode
 // steps (Python's dispatch of the next call, ~0.2 ms), so the next step finds its helper
-// awake: bench decode per-call steps, warm, 50 µs uncapped → 1000 µs capped: batch 1
-// 1.31-1.33 → 1.09-1.19 ms, batch 8 3.34-3.41 → 2.95-3.49 ms.
+// awake: bench decode steps called one by one, warm, 50 µs uncapped → 1000 µs capped: batch 1
+// 1.32-1.38 → 1.09-1.19 ms, batch 8 3.34-3.42 → 2.95-3.49 ms.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +38,8 @@
 #include <mutex>
 #include <thread>
 
+#include <sched.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace dsv3 {
@@ -48,6 +50,24 @@ using Clock = std::chrono::steady_clock;
 constexpr std::chrono::microseconds kShortJob{150};
 
 inline std::atomic<int64_t> linger_us{1000};
+
+// The cores this process may run on (its affinity mask), read once.
+inline int64_t UsableCores() {
+  static const int64_t cores = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return int64_t{CPU_COUNT(&set)};
+    return int64_t{std::thread::hardware_concurrency()};
+  }();
+  return std::max<int64_t>(1, cores);
+}
+
+// The threads a kernel call splits its work over: XLA's pool's, at most the usable cores. XLA
+// sizes its pool by the emulated devices where there are more of them than cores (8 on a
+// 2-core machine with --xla_force_host_platform_device_count=8), and more participants than
+// cores only take turns.
+inline int64_t Threads(xla::ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), UsableCores()));
+}
 
 struct ParallelJob {
   std::function<void(int64_t)> work;
@@ -70,8 +90,8 @@ struct Mailbox {
   std::shared_ptr<ParallelJob> job;  // the newest job offered
   std::atomic<uint64_t> posted{0};   // jobs offered so far
   std::atomic<int> lingering{0};     // tasks polling now
-  std::atomic<int> most_lingering{0};
-  std::atomic<int> pool_threads{0};  // the most that ever polled at once (diagnostics)
+  std::atomic<int> most_lingering{0};  // the most that ever polled at once (diagnostics)
+  std::atomic<int> threads{0};         // Threads() of the last call (diagnostics)
 };
 inline Mailbox& mailbox = *new Mailbox;
 
@@ -111,9 +131,10 @@ inline void Parallel(xla::ffi::ThreadPool& pool, int64_t units,
   auto job = std::make_shared<ParallelJob>();
   job->work = std::move(work);
   job->units = units;
-  int64_t tasks = std::min<int64_t>(pool.num_threads() - 1, units - 1);
-  job->helpers = pool.num_threads() - 1;
-  mailbox.pool_threads.store(pool.num_threads(), std::memory_order_relaxed);
+  const int64_t threads = Threads(pool);
+  int64_t tasks = std::min<int64_t>(threads - 1, units - 1);
+  job->helpers = threads - 1;
+  mailbox.threads.store(threads, std::memory_order_relaxed);
   const int64_t lingering = mailbox.lingering.load();
   if (tasks > 0 && lingering > 0) {
     {

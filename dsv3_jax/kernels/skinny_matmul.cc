@@ -26,7 +26,7 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     std::memset(out, 0, M * N * sizeof(float));
     return ffi::Error::Success();
   }
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = dsv3::Threads(pool);
   const int64_t blocks = std::clamp<int64_t>(N / kMinColumns, 1, threads);
   const float *xs = x.typed_data(), *ws = w.typed_data();
   dsv3::Parallel(pool, blocks, [&](int64_t b) {

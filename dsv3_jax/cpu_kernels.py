@@ -56,6 +56,7 @@ HANDLERS = {
     "dsv3_causal_attention_fwd": "Dsv3CausalAttentionForward",
     "dsv3_causal_attention_bwd": "Dsv3CausalAttentionBackward",
     "dsv3_skinny_matmul": "Dsv3SkinnyMatmul",
+    "dsv3_few_token_moe": "Dsv3FewTokenMoe",
 }
 BLAS_CHOICES = ("auto", "mkl", "openblas")
 LINGER_ENV, DEFAULT_LINGER_US = "DSV3_JAX_KERNEL_LINGER_US", 1000

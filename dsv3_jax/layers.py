@@ -130,13 +130,21 @@ class SwiGLU(nn.Module):
     hidden: int
     config: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        D, F, c = self.config.hidden_size, self.hidden, self.config
+        self.gate_proj = Einsum((D, F), ("embed", "mlp"), c)
+        self.up_proj = Einsum((D, F), ("embed", "mlp"), c)
+        self.down_proj = Einsum((F, D), ("mlp", "embed"), c)
+
+    def weights(self) -> tuple[Weight, Weight, Weight]:
+        """(gate [D, F], up [D, F], down [F, D]) with their FP8 states."""
+        return self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()
+
     def __call__(self, x: Array) -> Array:
-        D, F = self.config.hidden_size, self.hidden
-        gate = Einsum((D, F), ("embed", "mlp"), self.config, name="gate_proj")("BTD,DF->BTF", x)
-        up = Einsum((D, F), ("embed", "mlp"), self.config, name="up_proj")("BTD,DF->BTF", x)
+        gate = self.gate_proj("BTD,DF->BTF", x)
+        up = self.up_proj("BTD,DF->BTF", x)
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return Einsum((F, D), ("mlp", "embed"), self.config, name="down_proj")("BTF,FD->BTD", h)
+        return self.down_proj("BTF,FD->BTD", h)
 
 
 def remat_policy(name: str) -> Callable | None:

@@ -56,18 +56,29 @@ def write_entries(buf: jax.Array, new: jax.Array, index: jax.Array, at: tuple = 
                     in_axes=(len(at), len(at), 0), out_axes=len(at))(buf, new, index)
 
 
-# The variable collection of an MLA layer's absorbed-decode kernels with the heads first: "k"
-# = kv_b_proj_k's [C, N, H] as [N, H, C], "v" = kv_b_proj_v's [C, N, A] as [N, C, A]; made
-# once by `absorbed_kernels` for a decode loop (`dsv3_jax.unstacked`), used when present
-# (without an FP8 recipe, which scales the stored kernels).
+# The variable collection of an MLA layer's decode kernels, made once by `absorbed_kernels` for
+# a decode loop (`dsv3_jax.unstacked`) and used when present (without an FP8 recipe, which
+# scales the stored kernels): the absorbed products' kernels with the heads first, "k" =
+# kv_b_proj_k's [C, N, H] as [N, H, C] and "v" = kv_b_proj_v's [C, N, A] as [N, C, A]; and
+# the projections that read the same input as one kernel each, "x" = [q_a | kv_a | k_pe]
+# ([D, Q + C + R]; without q compression [q_nope | q_pe | kv_a | k_pe], [D, N·H + N·R + C + R])
+# and "q_b" = [q_b_nope | q_b_pe] ([Q, N·H + N·R]): a decode step's projections are streams
+# through their weights, and one call per input instead of two or three.
 ABSORBED = "absorbed"
 
 
 def absorbed_kernels(attention_params: dict) -> dict:
     """The `ABSORBED` collection of one MLA layer from its params."""
-    k = attention_params["kv_b_proj_k"]["kernel"]
-    v = attention_params["kv_b_proj_v"]["kernel"]
-    return {"k": jnp.transpose(k, (1, 2, 0)), "v": jnp.transpose(v, (1, 0, 2))}
+    p = attention_params
+    k, v = p["kv_b_proj_k"]["kernel"], p["kv_b_proj_v"]["kernel"]
+    flat = lambda name: p[name]["kernel"].reshape(p[name]["kernel"].shape[0], -1)
+    from_x = (("q_a_proj",) if "q_a_proj" in p else ("q_proj_nope", "q_proj_pe")) + (
+        "kv_a_proj", "k_pe_proj")
+    out = {"k": jnp.transpose(k, (1, 2, 0)), "v": jnp.transpose(v, (1, 0, 2)),
+           "x": jnp.concatenate([flat(n) for n in from_x], axis=1)}
+    if "q_a_proj" in p:
+        out["q_b"] = jnp.concatenate([flat("q_b_proj_nope"), flat("q_b_proj_pe")], axis=1)
+    return out
 
 
 @flax.struct.dataclass
@@ -160,11 +171,23 @@ class MLA(nn.Module):
         self.kv_b_proj_v = Einsum((C, N, A), ("kv_lora", "heads", "v_head"), c)
         self.o_proj = Einsum((N, A, D), ("heads", "v_head", "embed"), c)
 
-    def _query(self, x, positions):
+    def _query(self, x, positions, projected=None):
         """(q_nope [B, N, T, H], q_pe [B, T, N, R]): q_nope's heads ahead of positions, so
         every attention product is a dot with (B, N) leading and its result needs no
-        transpose; q_pe as the projection and the rotation leave it."""
-        if self.config.q_lora_rank is None:
+        transpose; q_pe as the projection and the rotation leave it. `projected`: x's
+        projections through the decode layout's fused kernel (`_from_x`)."""
+        c = self.config
+        N, H, R = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+        if projected is not None:
+            if c.q_lora_rank is None:
+                q = projected["q"]
+            else:
+                q = project("BTQ,QK->BTK", self.q_a_layernorm(projected["q_a"]),
+                            Weight(self.get_variable(ABSORBED, "q_b")), c)
+            B, T = q.shape[:2]
+            q_nope = jnp.swapaxes(q[..., :N * H].reshape(B, T, N, H), 1, 2)
+            q_pe = q[..., N * H:].reshape(B, T, N, R)
+        elif c.q_lora_rank is None:
             q_nope = self.q_proj_nope("BTD,DNH->BNTH", x)
             q_pe = self.q_proj_pe("BTD,DNR->BTNR", x)
         else:
@@ -172,12 +195,30 @@ class MLA(nn.Module):
             q_nope = self.q_b_proj_nope("BTQ,QNH->BNTH", c_q)
             q_pe = self.q_b_proj_pe("BTQ,QNR->BTNR", c_q)
         q_nope = nn.with_logical_constraint(q_nope, ("batch", "heads", "length", "qk_nope"))
-        return q_nope, apply_rope(q_pe, positions, self.config)
+        return q_nope, apply_rope(q_pe, positions, c)
 
-    def _latent(self, x, positions):
-        c_kv = self.kv_a_layernorm(self.kv_a_proj("BSD,DC->BSC", x))
-        k_pe = apply_rope(self.k_pe_proj("BSD,DR->BSR", x), positions, self.config)
-        return c_kv, k_pe
+    def _latent(self, x, positions, projected=None):
+        if projected is not None:
+            c_kv, k_pe = projected["kv_a"], projected["k_pe"]
+        else:
+            c_kv, k_pe = self.kv_a_proj("BSD,DC->BSC", x), self.k_pe_proj("BSD,DR->BSR", x)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, positions, self.config)
+
+    def _from_x(self, x):
+        """x's projections through the decode layout's fused kernel (`ABSORBED` "x"), split
+        by name ({"q_a" or "q", "kv_a", "k_pe"}); None where there is none."""
+        c = self.config
+        if c.fp8 != "none" or not self.has_variable(ABSORBED, "x"):
+            return None
+        out = project("BTD,DK->BTK", x, Weight(self.get_variable(ABSORBED, "x")), c)
+        N = c.num_attention_heads
+        q = c.q_lora_rank or N * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+        sizes = {"q_a" if c.q_lora_rank else "q": q, "kv_a": c.kv_lora_rank,
+                 "k_pe": c.qk_rope_head_dim}
+        parts, at = {}, 0
+        for name, size in sizes.items():
+            parts[name], at = out[..., at:at + size], at + size
+        return parts
 
     def __call__(self, x, positions, cache: LatentCache | None = None, cache_index=None,
                  absorb: bool = False):
@@ -194,8 +235,9 @@ class MLA(nn.Module):
           ([B, T, D] output, updated cache or None).
         """
         dtype = dtype_of(self.config.dtype)
-        q_nope, q_pe = self._query(x, positions)
-        c_kv, k_pe = self._latent(x, positions)
+        projected = self._from_x(x) if cache is not None and absorb else None
+        q_nope, q_pe = self._query(x, positions, projected)
+        c_kv, k_pe = self._latent(x, positions, projected)
         if cache is not None:
             cache = cache.write(c_kv, k_pe, cache_index)
         if cache is not None and absorb:

@@ -27,6 +27,10 @@ kernel on one CPU device in float32, blocks otherwise):
     them (`expert_compute.chosen_swiglu`: cost ∝ the chosen experts' matrices); or "dense",
     every expert on every token masked to the chosen ones (each expert's kernels read once),
     whichever the shapes favour.
+  * a few tokens where the grouped GEMMs would run on one CPU device (at most
+    `few_token_moe.MAX_TOKENS` float32 tokens, e.g. a decode step): the whole layer, router
+    and shared expert included, as one kernel call (`few_token_layer`; its gradient is the
+    XLA path's).
   * capacity (`capacity_factor` set; moe_impl "capacity" or "auto"): C = ceil(cf·N·K/E) slots
     per expert, 'ECD,EDF->ECF'; assignments beyond C are dropped. Equal to dropless when
     nothing overflows.
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -61,7 +66,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import cpu_kernels
+from dsv3_jax import cpu_kernels, few_token_moe
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.expert_compute import (
     ExpertStacks,
@@ -514,6 +519,37 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
     return jnp.einsum("NKD,NK->ND", y_assign.astype(jnp.float32), routing.weights)
 
 
+def _few_token_reference(config: ModelConfig, tokens, router, bias, gate, up, down, layer,
+                         shared_gate, shared_up, shared_down):
+    """`few_token_moe.layer`'s outputs by the XLA path `MoE` otherwise takes: `route`, the
+    grouped GEMMs (`expert_compute.ragged_experts`) and the shared SwiGLU."""
+    logits = product("ND,DE->NE", tokens, router, jnp.float32)
+    routing = route(logits, bias, config)
+    stacks = ExpertStacks(gate, up, down, layer) if gate.ndim == 4 else None
+    pick = (lambda w: w[layer]) if stacks is not None else (lambda w: w)
+    weights = tuple(Weight(pick(w)) for w in (gate, up, down))
+    y = ragged_experts(tokens, routing.experts, routing.weights, weights, config, stacks)
+    if shared_gate.shape[1]:
+        shared = tuple(Weight(w) for w in (shared_gate, shared_up, shared_down))
+        y = y + swiglu(tokens, shared, "ND,DF->NF", "NF,FD->ND", config, out_dtype=jnp.float32)
+    return y, routing.experts, routing.scores
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def few_token_layer(config: ModelConfig, tokens, router, bias, gate, up, down, layer,
+                    shared_gate, shared_up, shared_down):
+    """A MoE layer of a few tokens as one kernel call (`few_token_moe`): (y [N, D] float32
+    with the shared expert's output, experts [N, K], unbiased scores [N, E]). Its derivatives
+    are those of the XLA path (`_few_token_reference`), which then also computes the value."""
+    return few_token_moe.layer(tokens, router, bias, gate, up, down, layer, shared_gate,
+                               shared_up, shared_down, config)
+
+
+@few_token_layer.defjvp
+def _few_token_jvp(config, primals, tangents):
+    return jax.jvp(functools.partial(_few_token_reference, config), primals, tangents)
+
+
 class MoE(nn.Module):
     """DeepSeekMoE feed-forward. Returns (y [B,T,D], counts [E] int32, balance loss scalar)."""
 
@@ -528,19 +564,31 @@ class MoE(nn.Module):
         E = c.n_routed_experts
         gate = Einsum((D, E), ("embed", None), c, fp8=False, name="gate")  # router: fp32
         tokens = x.reshape(B * T, D)
-        logits = product("ND,DE->NE", tokens, gate.kernel, jnp.float32)
         shards = expert_shards()
-        routing = route(logits, bias, c, expert_shards=shards)
-
         experts = RoutedExperts(c, name="experts")
+        shared = (SwiGLU(c.n_shared_experts * c.moe_intermediate_size, c, name="shared_experts")
+                  if c.n_shared_experts else None)
+        if shards == 1 and not self.is_initializing():
+            routed = ((stacks.gate, stacks.up, stacks.down) if stacks is not None
+                      else tuple(w.kernel for w in experts.weights()))
+            kept = (tuple(w.kernel for w in shared.weights()) if shared is not None else
+                    (jnp.zeros((D, 0)), jnp.zeros((D, 0)), jnp.zeros((0, D))))
+            if few_token_moe.pays(B * T, c, x, gate.kernel, *routed, *kept):
+                y, chosen, scores = few_token_layer(
+                    c, tokens, gate.kernel, bias, *routed,
+                    0 if stacks is None else stacks.layer, *kept)
+                counts = jnp.bincount(chosen.reshape(-1), length=E).astype(jnp.int32)
+                balance = sequence_balance_loss(scores, chosen, c, B)
+                return y.astype(x.dtype).reshape(B, T, D), counts, balance
+        logits = product("ND,DE->NE", tokens, gate.kernel, jnp.float32)
+        routing = route(logits, bias, c, expert_shards=shards)
         counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)
         if shards > 1:  # under a mesh with an `expert` axis: the strategy handed down
             y = _expert_parallel_strategy(shards)(tokens, routing, experts.weights(), c)
         else:
             y = local_experts(tokens, routing, experts, c, stacks).astype(x.dtype)
         y = y.reshape(B, T, D)
-        if c.n_shared_experts:
-            y = y + SwiGLU(c.n_shared_experts * c.moe_intermediate_size, c,
-                           name="shared_experts")(x)
+        if shared is not None:
+            y = y + shared(x)
         balance = sequence_balance_loss(routing.scores, routing.experts, c, B)
         return y, counts, balance

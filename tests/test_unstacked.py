@@ -29,6 +29,7 @@ CONFIGS = {
     "moe only, fp8 delayed": TINY.replace(first_k_dense_replace=0, fp8="delayed"),
     "dense only": TINY.replace(first_k_dense_replace=TINY.num_hidden_layers,
                                num_nextn_predict_layers=0),
+    "no q compression": TINY.replace(q_lora_rank=None),
 }
 
 
@@ -43,8 +44,9 @@ def close(got, want, what):
 @pytest.mark.parametrize("name, B", [(name, 3) for name in CONFIGS] + [("dense+moe", 1)])
 def test_unstacked_forward_equals_the_scanned_model(name, B):
     """B = 1: the per-layer caches drop their batch axis (`LatentCache.squeeze`). Without an
-    FP8 recipe the step's absorbed products read the layers' heads-first kernel copies
-    (`mla.ABSORBED`), the scanned model the stored kernels."""
+    FP8 recipe the step reads the layers' decode kernels (`mla.ABSORBED`: the absorbed
+    products' heads-first copies, the projections of one input as one kernel, with and without
+    q compression), the scanned model the stored kernels."""
     c = CONFIGS[name]
     T, S = 6, 12
     variables = flax.core.unfreeze(nn.unbox(init_variables(c, jax.random.key(0))))

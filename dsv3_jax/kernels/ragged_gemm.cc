@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "expert_stacks.h"
 #include "parallel.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
@@ -71,15 +72,6 @@ int64_t Filled(const std::vector<std::pair<int64_t, int64_t>>& groups) {
   return groups.empty() ? 0 : groups.back().first + groups.back().second;
 }
 
-// The [G, K, N] kernels of layer `layer` of w ([G, K, N] or [L, G, K, N]).
-// A layer index out of range is clamped (as XLA clamps a dynamic slice's start).
-const float* Kernels(ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer, int64_t per_layer) {
-  const auto dims = w.dimensions();
-  if (dims.size() == 3) return w.typed_data<float>();
-  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, dims[0] - 1);
-  return w.typed_data<float>() + l * per_layer;
-}
-
 // transpose 0: out[M, N] = x_g [M_g, K] · w_g [K, N]        x [M, K]
 // transpose 1: out[M, K] = x_g [M_g, N] · w_gᵀ               x [M, N]
 ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -89,7 +81,7 @@ ffi::Error RowsTimesKernels(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   const int64_t K = wd[wd.size() - 2], N = wd[wd.size() - 1], G = wd[wd.size() - 3];
   const int64_t M = x.dimensions()[0];
   const int64_t in = transpose ? N : K, width = transpose ? K : N;
-  const float* kernels = Kernels(w, layer, G * K * N);
+  const float* kernels = dsv3::LayerKernels(w, layer, G * K * N);
   const float* xs = x.typed_data<float>();
   float* ys = out->typed_data<float>();
   auto groups = Groups(sizes, M);
@@ -143,8 +135,8 @@ ffi::Error SwigluHidden(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g
   const auto wd = gate.dimensions();
   const int64_t D = wd[wd.size() - 2], F = wd[wd.size() - 1], G = wd[wd.size() - 3];
   const int64_t M = x.dimensions()[0];
-  const float* wg = Kernels(gate, layer, G * D * F);
-  const float* wu = Kernels(up, layer, G * D * F);
+  const float* wg = dsv3::LayerKernels(gate, layer, G * D * F);
+  const float* wu = dsv3::LayerKernels(up, layer, G * D * F);
   const float* xs = x.typed_data<float>();
   const float* ss = scale.typed_data<float>();
   float *hs = h->typed_data<float>(), *gs = g->typed_data<float>(), *us = u->typed_data<float>();
@@ -186,8 +178,8 @@ ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   const auto wd = gate.dimensions();
   const int64_t D = wd[wd.size() - 2], F = wd[wd.size() - 1], G = wd[wd.size() - 3];
   const int64_t M = x.dimensions()[0];
-  const float* wg = Kernels(gate, layer, G * D * F);
-  const float* wu = Kernels(up, layer, G * D * F);
+  const float* wg = dsv3::LayerKernels(gate, layer, G * D * F);
+  const float* wu = dsv3::LayerKernels(up, layer, G * D * F);
   const float *xs = x.typed_data<float>(), *gs = g.typed_data<float>();
   const float *us = u.typed_data<float>(), *ss = scale.typed_data<float>();
   const float* dhs = dh.typed_data<float>();

@@ -47,20 +47,23 @@ def pays(tokens: int, config: ModelConfig, *arrays) -> bool:
 
 
 def layer(tokens, router, bias, gate, up, down, layer_index, shared_gate, shared_up,
-          shared_down, config: ModelConfig):
-    """The kernel call (module docstring); check `pays` first. Inference only: `moe` wraps it
-    with the XLA path's gradient."""
+          shared_down, config: ModelConfig, norm=None):
+    """The kernel call (module docstring); check `pays` first. With `norm` [D] the tokens are
+    normalized first (`rms_norm` with the config's eps: the block's post-attention norm, in
+    the same call). Inference only: `moe` wraps it with the XLA path's gradient."""
     N, D = tokens.shape
     E, K = config.n_routed_experts, config.num_experts_per_tok
     if (router.shape != (D, E) or bias.shape != (E,) or gate.shape[-3:] != (E, D, gate.shape[-1])
             or up.shape != gate.shape or down.shape != gate.shape[:-2] + gate.shape[:-3:-1]
             or shared_gate.shape[0] != D or shared_up.shape != shared_gate.shape
-            or shared_down.shape != shared_gate.shape[::-1]):
+            or shared_down.shape != shared_gate.shape[::-1]
+            or (norm is not None and norm.shape not in ((D,), (0,)))):
         raise ValueError(f"few_token_moe.layer: tokens {tokens.shape}, router {router.shape}, "
                          f"bias {bias.shape}, gate/up/down {gate.shape}/{up.shape}/"
                          f"{down.shape}, shared {shared_gate.shape}/{shared_up.shape}/"
-                         f"{shared_down.shape}: expected [N, D], [D, E], [E], [(L,) E, D, F] "
-                         "twice and [(L,) E, F, D], [D, S] twice and [S, D]")
+                         f"{shared_down.shape}, norm {None if norm is None else norm.shape}: "
+                         "expected [N, D], [D, E], [E], [(L,) E, D, F] twice and [(L,) E, F, D], "
+                         "[D, S] twice and [S, D], [D] or none")
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use moe.MoE's XLA path")
@@ -72,7 +75,10 @@ def layer(tokens, router, bias, gate, up, down, layer_index, shared_gate, shared
     f32 = lambda a: a.astype(jnp.float32)
     return call(f32(tokens), f32(router), f32(bias), f32(gate), f32(up), f32(down),
                 jnp.asarray(layer_index, jnp.int32).reshape(()), f32(shared_gate),
-                f32(shared_up), f32(shared_down), groups=np.int64(config.n_group),
+                f32(shared_up), f32(shared_down),
+                jnp.zeros((0,), jnp.float32) if norm is None else f32(norm),
+                groups=np.int64(config.n_group),
                 topk_group=np.int64(config.topk_group), top_k=np.int64(K),
                 norm_topk_prob=bool(config.norm_topk_prob),
-                scaling=np.float32(config.routed_scaling_factor))
+                scaling=np.float32(config.routed_scaling_factor),
+                eps=np.float32(config.rms_norm_eps))

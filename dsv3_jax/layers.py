@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from dsv3_jax import fp8 as fp8_lib
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.rms_norm import rms_norm
 
 Array = jax.Array
 
@@ -108,20 +109,20 @@ class Einsum(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) · w, computed in fp32 and returned in the compute dtype."""
+    """y = x / rms(x) · w, computed in fp32 and returned in the compute dtype
+    (`rms_norm.rms_norm`); `weight` is readable without a call, for the kernels that
+    normalize their input themselves."""
 
     dim: int
     config: ModelConfig
     axis_name: str = "embed"
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def setup(self):
         init = logically_partitioned(nn.initializers.ones, (self.axis_name,))
-        weight = self.param("weight", init, (self.dim,), dtype_of(self.config.param_dtype))
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
-                                  + self.config.rms_norm_eps)
-        return (weight.astype(jnp.float32) * x32).astype(dtype_of(self.config.dtype))
+        self.weight = self.param("weight", init, (self.dim,), dtype_of(self.config.param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.weight, self.config.rms_norm_eps, dtype_of(self.config.dtype))
 
 
 class SwiGLU(nn.Module):

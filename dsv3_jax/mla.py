@@ -28,7 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import cpu_kernels, fused_attention, latent_attention
+from dsv3_jax import cpu_kernels, fused_attention, latent_attention, skinny_matmul
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm, Weight, dtype_of, product, project
 from dsv3_jax.rope import apply_rope, softmax_scale
@@ -182,8 +182,8 @@ class MLA(nn.Module):
             if c.q_lora_rank is None:
                 q = projected["q"]
             else:
-                q = project("BTQ,QK->BTK", self.q_a_layernorm(projected["q_a"]),
-                            Weight(self.get_variable(ABSORBED, "q_b")), c)
+                q = _normed_projection(projected["q_a"], self.q_a_layernorm,
+                                       self.get_variable(ABSORBED, "q_b"), c)
             B, T = q.shape[:2]
             q_nope = jnp.swapaxes(q[..., :N * H].reshape(B, T, N, H), 1, 2)
             q_pe = q[..., N * H:].reshape(B, T, N, R)
@@ -204,13 +204,14 @@ class MLA(nn.Module):
             c_kv, k_pe = self.kv_a_proj("BSD,DC->BSC", x), self.k_pe_proj("BSD,DR->BSR", x)
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, positions, self.config)
 
-    def _from_x(self, x):
-        """x's projections through the decode layout's fused kernel (`ABSORBED` "x"), split
-        by name ({"q_a" or "q", "kv_a", "k_pe"}); None where there is none."""
+    def _from_x(self, x, norm):
+        """x's projections through the decode layout's fused kernel (`ABSORBED` "x"), x
+        through `norm` first (when given), split by name ({"q_a" or "q", "kv_a", "k_pe"});
+        None where there is no fused kernel."""
         c = self.config
         if c.fp8 != "none" or not self.has_variable(ABSORBED, "x"):
             return None
-        out = project("BTD,DK->BTK", x, Weight(self.get_variable(ABSORBED, "x")), c)
+        out = _normed_projection(x, norm, self.get_variable(ABSORBED, "x"), c)
         N = c.num_attention_heads
         q = c.q_lora_rank or N * (c.qk_nope_head_dim + c.qk_rope_head_dim)
         sizes = {"q_a" if c.q_lora_rank else "q": q, "kv_a": c.kv_lora_rank,
@@ -221,11 +222,13 @@ class MLA(nn.Module):
         return parts
 
     def __call__(self, x, positions, cache: LatentCache | None = None, cache_index=None,
-                 absorb: bool = False):
+                 absorb: bool = False, norm: RMSNorm | None = None):
         """Attends causally.
 
         Args:
-          x: [B, T, D] inputs; positions: [B, T] their absolute positions.
+          x: [B, T, D] inputs, through `norm` first when given (the block's input norm: the
+            decode layout's fused projection applies it inside its kernel call);
+            positions: [B, T] their absolute positions.
           cache: None for training (attend within x). Otherwise this layer's LatentCache (or
             its LayerCache place in a stacked one), into which the new latents are written at
             `cache_index` (a scalar, or [B]: per row).
@@ -235,7 +238,9 @@ class MLA(nn.Module):
           ([B, T, D] output, updated cache or None).
         """
         dtype = dtype_of(self.config.dtype)
-        projected = self._from_x(x) if cache is not None and absorb else None
+        projected = self._from_x(x, norm) if cache is not None and absorb else None
+        if projected is None and norm is not None:
+            x = norm(x)
         q_nope, q_pe = self._query(x, positions, projected)
         c_kv, k_pe = self._latent(x, positions, projected)
         if cache is not None:
@@ -277,6 +282,21 @@ class MLA(nn.Module):
             out = causal_attention(q_nope, q_pe, k_nope, k_pe, v, positions, self.config)
         out = nn.with_logical_constraint(out, ("batch", "heads", "length", "v_head"))
         return self.o_proj("BNTA,NAD->BTD", out), cache
+
+
+def _normed_projection(x: jax.Array, norm: RMSNorm | None, kernel: jax.Array,
+                       config: ModelConfig) -> jax.Array:
+    """x [B, T, K] through `norm` (when given) and projected by kernel [K, N] → [B, T, N] in
+    the compute dtype: for a few float32 rows on one CPU device one `skinny_matmul` call that
+    normalizes its rows itself (the norm's four XLA thunks saved), else `norm` then
+    `layers.project`."""
+    B, T, K = x.shape
+    rows = x.reshape(B * T, K)
+    if norm is not None and skinny_matmul.pays(rows, kernel):
+        out = skinny_matmul.matmul(rows, kernel, norm.weight, config.rms_norm_eps)
+        return out.reshape(B, T, -1).astype(dtype_of(config.dtype))
+    x = x if norm is None else norm(x)
+    return project("BTK,KN->BTN", x, Weight(kernel), config)
 
 
 ATTENTION_CHUNK = 128  # query positions per causal chunk (at least; at most 16 chunks)

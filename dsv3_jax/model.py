@@ -53,15 +53,16 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache_index, bias, cache, stacks=None):
         c = self.config
+        # each norm goes to the layer it feeds, whose decode kernels may apply it themselves
         h, cache = MLA(c, name="self_attn")(
-            RMSNorm(c.hidden_size, c, name="input_layernorm")(x), positions, cache, cache_index,
-            absorb=self.absorb)
+            x, positions, cache, cache_index, absorb=self.absorb,
+            norm=RMSNorm(c.hidden_size, c, name="input_layernorm"))
         x = x + h
-        h = RMSNorm(c.hidden_size, c, name="post_attention_layernorm")(x)
+        norm = RMSNorm(c.hidden_size, c, name="post_attention_layernorm")
         if self.moe:
-            y, counts, balance = MoE(c, name="mlp")(h, bias, stacks)
+            y, counts, balance = MoE(c, name="mlp")(x, bias, stacks, norm=norm)
         else:
-            y, counts, balance = SwiGLU(c.intermediate_size, c, name="mlp")(h), None, None
+            y, counts, balance = SwiGLU(c.intermediate_size, c, name="mlp")(norm(x)), None, None
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
         return x, (cache, counts, balance)
 

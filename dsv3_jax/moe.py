@@ -77,7 +77,8 @@ from dsv3_jax.expert_compute import (
     resolve_moe_impl,
     stable_order,
 )
-from dsv3_jax.layers import Einsum, SwiGLU, Weight, dtype_of, product, project
+from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, Weight, dtype_of, product, project
+from dsv3_jax.rms_norm import rms_norm
 
 
 class Routing(NamedTuple):
@@ -520,9 +521,12 @@ def local_experts(tokens: jax.Array, routing: Routing, experts: RoutedExperts,
 
 
 def _few_token_reference(config: ModelConfig, tokens, router, bias, gate, up, down, layer,
-                         shared_gate, shared_up, shared_down):
-    """`few_token_moe.layer`'s outputs by the XLA path `MoE` otherwise takes: `route`, the
-    grouped GEMMs (`expert_compute.ragged_experts`) and the shared SwiGLU."""
+                         shared_gate, shared_up, shared_down, norm):
+    """`few_token_moe.layer`'s outputs by the XLA path `MoE` otherwise takes: the norm (when
+    `norm` is not empty), `route`, the grouped GEMMs (`expert_compute.ragged_experts`) and the
+    shared SwiGLU."""
+    if norm.shape[0]:
+        tokens = rms_norm(tokens, norm, config.rms_norm_eps, dtype_of(config.dtype))
     logits = product("ND,DE->NE", tokens, router, jnp.float32)
     routing = route(logits, bias, config)
     stacks = ExpertStacks(gate, up, down, layer) if gate.ndim == 4 else None
@@ -537,12 +541,13 @@ def _few_token_reference(config: ModelConfig, tokens, router, bias, gate, up, do
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def few_token_layer(config: ModelConfig, tokens, router, bias, gate, up, down, layer,
-                    shared_gate, shared_up, shared_down):
+                    shared_gate, shared_up, shared_down, norm):
     """A MoE layer of a few tokens as one kernel call (`few_token_moe`): (y [N, D] float32
-    with the shared expert's output, experts [N, K], unbiased scores [N, E]). Its derivatives
-    are those of the XLA path (`_few_token_reference`), which then also computes the value."""
+    with the shared expert's output, experts [N, K], unbiased scores [N, E]), the tokens
+    normalized first by `norm` [D] unless it is empty ([0]). Its derivatives are those of the
+    XLA path (`_few_token_reference`), which then also computes the value."""
     return few_token_moe.layer(tokens, router, bias, gate, up, down, layer, shared_gate,
-                               shared_up, shared_down, config)
+                               shared_up, shared_down, config, norm if norm.shape[0] else None)
 
 
 @few_token_layer.defjvp
@@ -556,9 +561,12 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, stacks: ExpertStacks | None = None):
+    def __call__(self, x: jax.Array, bias: jax.Array, stacks: ExpertStacks | None = None,
+                 norm: RMSNorm | None = None):
         """x: [B, T, D]; bias: [E] this layer's correction bias (from the `moe_bias` state);
-        stacks: this layer's expert kernels as a layer of its stack's (`ExpertStacks`)."""
+        stacks: this layer's expert kernels as a layer of its stack's (`ExpertStacks`); norm:
+        an RMSNorm to apply to x first (the block's post-attention norm; the few-token kernel
+        applies it inside its call)."""
         c = self.config
         B, T, D = x.shape
         E = c.n_routed_experts
@@ -573,13 +581,17 @@ class MoE(nn.Module):
                       else tuple(w.kernel for w in experts.weights()))
             kept = (tuple(w.kernel for w in shared.weights()) if shared is not None else
                     (jnp.zeros((D, 0)), jnp.zeros((D, 0)), jnp.zeros((0, D))))
-            if few_token_moe.pays(B * T, c, x, gate.kernel, *routed, *kept):
+            scale = jnp.zeros((0,), jnp.float32) if norm is None else norm.weight
+            if few_token_moe.pays(B * T, c, x, gate.kernel, scale, *routed, *kept):
                 y, chosen, scores = few_token_layer(
                     c, tokens, gate.kernel, bias, *routed,
-                    0 if stacks is None else stacks.layer, *kept)
+                    0 if stacks is None else stacks.layer, *kept, scale)
                 counts = jnp.bincount(chosen.reshape(-1), length=E).astype(jnp.int32)
                 balance = sequence_balance_loss(scores, chosen, c, B)
                 return y.astype(x.dtype).reshape(B, T, D), counts, balance
+        if norm is not None:
+            x = norm(x)
+            tokens = x.reshape(B * T, D)
         logits = product("ND,DE->NE", tokens, gate.kernel, jnp.float32)
         routing = route(logits, bias, c, expert_shards=shards)
         counts = jnp.bincount(routing.experts.reshape(-1), length=E).astype(jnp.int32)

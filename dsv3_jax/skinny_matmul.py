@@ -14,10 +14,14 @@ computes the value, so training is unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv3_jax import cpu_kernels
+from dsv3_jax.rms_norm import rms_norm
 
 # Most rows for which the kernel runs (decode batches, speculative verification): measured
 # ahead of XLA's dot on 2 cores up to 128 rows (K × N of 256 × 768, 768 × 256, 256 × 512,
@@ -39,29 +43,41 @@ def pays(x: jax.Array | jax.ShapeDtypeStruct, w: jax.Array | jax.ShapeDtypeStruc
             and cpu_kernels.runs_here(x.dtype, w.dtype))
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] · w [K, N] → [M, N] float32 through the kernel (check `pays` first)."""
+def matmul(x: jax.Array, w: jax.Array, norm: jax.Array | None = None,
+           eps: float = 0.0) -> jax.Array:
+    """x [M, K] · w [K, N] → [M, N] float32 through the kernel (check `pays` first). With
+    `norm` [K], x's rows are normalized first, `rms_norm(x, norm, eps)` (the RMSNorm before a
+    projection, inside the call)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"skinny_matmul.matmul: x {x.shape}, w {w.shape}: expected x [M, K] "
                          "and w [K, N]")
+    if norm is not None and norm.shape != (x.shape[1],):
+        raise ValueError(f"skinny_matmul.matmul: norm {norm.shape} for x {x.shape}: expected "
+                         "one weight per column of x")
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"skinny_matmul.matmul: x {x.dtype}, w {w.dtype}: the CPU kernel "
                          "multiplies float32 only")
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are unavailable (see the warning logged by "
                            "dsv3_jax.cpu_kernels): use jnp.dot")
-    return _matmul(x, w)
+    norm = jnp.zeros((0,), jnp.float32) if norm is None else norm.astype(jnp.float32)
+    return _matmul(x, w, norm, float(eps))
 
 
-@jax.custom_jvp
-def _matmul(x, w):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _matmul(x, w, norm, eps):
     call = jax.ffi.ffi_call("dsv3_skinny_matmul",
                             jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
                             vmap_method="sequential")
-    return call(x, w)
+    return call(x, w, norm, eps=np.float32(eps))
+
+
+def _formula(x, w, norm, eps):
+    if norm.shape[0]:
+        x = rms_norm(x, norm, eps, jnp.float32)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
 @_matmul.defjvp
-def _matmul_jvp(primals, tangents):
-    dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-    return jax.jvp(dot, primals, tangents)
+def _matmul_jvp(eps, primals, tangents):
+    return jax.jvp(lambda x, w, norm: _formula(x, w, norm, eps), primals, tangents)

@@ -16,10 +16,13 @@ from dsv3_jax.moe import MoE
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler")
 
 
-def _loop(x, router, bias, gate, up, down, shared, c):
-    """float64, one token and one expert at a time: (y, experts, scores)."""
+def _loop(x, router, bias, gate, up, down, shared, c, norm=None):
+    """float64, one token and one expert at a time: (y, experts, scores); the tokens through
+    an RMSNorm of weight `norm` first when given."""
     f64 = lambda a: np.asarray(a, np.float64)
     x, router, bias, gate, up, down = map(f64, (x, router, bias, gate, up, down))
+    if norm is not None:
+        x = x / np.sqrt((x ** 2).mean(1, keepdims=True) + c.rms_norm_eps) * f64(norm)
     E, G, K = c.n_routed_experts, c.n_group, c.num_experts_per_tok
     silu = lambda z: z / (1 + np.exp(-z))
     swiglu = lambda h, g, u, d: (silu(h @ g) * (h @ u)) @ d
@@ -71,24 +74,30 @@ CONFIGS = {  # odd sizes: D, F, S not multiples of the 8 vector lanes; E/G of 1 
 }
 
 
-@pytest.mark.parametrize("name, tokens, layers", [
-    ("grouped", 1, None), ("grouped", 64, 3), ("one_group_unnormalized", 5, None),
-    ("one_expert_groups", 9, 2), ("chunked", 3, None), ("chunked", 40, 2)])
-def test_kernel_matches_a_float64_loop(name, tokens, layers):
+@pytest.mark.parametrize("name, tokens, layers, normed", [
+    ("grouped", 1, None, False), ("grouped", 64, 3, True),
+    ("one_group_unnormalized", 5, None, True), ("one_expert_groups", 9, 2, False),
+    ("chunked", 3, None, True), ("chunked", 40, 2, False)])
+def test_kernel_matches_a_float64_loop(name, tokens, layers, normed):
     """Experts exactly, scores and outputs to max |Δ| ≤ 1e-5 · max |y| (float32 sums of the
     chunked products; measured ~1e-7), with the kernels read from a layer of [L, …] stacks
-    (the last layer) where `layers` is set."""
+    (the last layer) where `layers` is set, and the tokens through an RMSNorm in the call
+    where `normed` (tokens of scales 1e-2 to 1e2)."""
     c = ModelConfig.preset("tiny", **CONFIGS[name])
     x, router, bias, gate, up, down, *shared = _operands(c, tokens, layers=layers)
+    norm = None
+    if normed:
+        x = x * jnp.logspace(-2, 2, tokens)[:, None]
+        norm = jax.random.uniform(jax.random.key(7), (c.hidden_size,), minval=.5, maxval=1.5)
     at = 0 if layers is None else layers - 1
     if c.n_shared_experts == 0:
         D = c.hidden_size
         shared = [jnp.zeros((D, 0)), jnp.zeros((D, 0)), jnp.zeros((0, D))]
-    y, experts, scores = jax.jit(lambda *a: few_token_moe.layer(*a, config=c))(
+    y, experts, scores = jax.jit(lambda *a: few_token_moe.layer(*a, config=c, norm=norm))(
         x, router, bias, gate, up, down, at, *shared)
     pick = (lambda w: w) if layers is None else (lambda w: w[at])
     ref_y, ref_experts, ref_scores = _loop(x, router, bias, pick(gate), pick(up), pick(down),
-                                           shared if c.n_shared_experts else None, c)
+                                           shared if c.n_shared_experts else None, c, norm)
     np.testing.assert_array_equal(np.asarray(experts), ref_experts)
     np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(y), ref_y, rtol=0, atol=1e-5 * np.abs(ref_y).max())

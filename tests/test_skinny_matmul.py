@@ -9,11 +9,14 @@ import pytest
 
 from dsv3_jax import ModelConfig, fp8, skinny_matmul
 from dsv3_jax.layers import Weight, project
+from dsv3_jax.rms_norm import rms_norm
 
 
 @pytest.mark.usefixtures("each_blas")
 @pytest.mark.parametrize("M, K, N", [
-    (1, 256, 768),  # a decode step's token: the columns split over the threads
+    (1, 256, 768),  # a decode step's token: W's rows in 12 chunks summed (row_chunks.h)
+    (8, 512, 1000),  # 16 chunks (the most), 8 rows (the most that are chunked)
+    (2, 301, 130),  # 2 chunks of 150 and 151 rows
     (8, 96, 200),  # N not a multiple of the 16-column block edges
     (32, 64, 48),  # N below one block: one sgemm
     (3, 1, 5),  # K = 1
@@ -76,7 +79,33 @@ def test_per_head_products_keep_xlas_dot():
                                                 jnp.ones((4, 8, 16)))
 
 
+@pytest.mark.parametrize("M, K, N", [(1, 256, 224), (5, 40, 24), (16, 64, 96)])
+def test_a_norm_weight_normalizes_the_rows_first(M, K, N):
+    """matmul(x, w, norm, eps) = rms_norm(x, norm, eps) · w (float64 NumPy, ≤ 1e-5 of the
+    largest value; rows of scales 1e-3 to 1e3, so the normalization is what makes them
+    comparable), chunked (1, 5 rows) or not (16); its gradients wrt x, w and the norm are the
+    formula's (XLA's)."""
+    rng = np.random.default_rng(K)
+    x = (rng.standard_normal((M, K)) * np.logspace(-3, 3, M)[:, None]).astype(np.float32)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    eps = 1e-6
+    y = np.asarray(jax.jit(lambda x, w, g: skinny_matmul.matmul(x, w, g, eps))(x, w, g))
+    x64 = x.astype(np.float64)
+    ref = (x64 / np.sqrt((x64 ** 2).mean(1, keepdims=True) + eps) * g) @ w
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    probe = rng.standard_normal((M, N)).astype(np.float32)
+    loss = lambda f: jax.jit(jax.grad(lambda x, w, g: (f(x, w, g) * probe).sum(), (0, 1, 2)))
+    got = loss(lambda x, w, g: skinny_matmul.matmul(x, w, g, eps))(x, w, g)
+    want = loss(lambda x, w, g: rms_norm(x, g, eps) @ w)(x, w, g)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=1e-5 * np.abs(np.asarray(b)).max())
+
+
 def test_bad_operands_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"norm \(4,\) for x \(2, 3\): expected one weight"):
+        skinny_matmul.matmul(jnp.ones((2, 3)), jnp.ones((3, 5)), jnp.ones(4))
     with pytest.raises(ValueError, match=r"x \(2, 3\), w \(4, 5\): expected x \[M, K\]"):
         skinny_matmul.matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
     with pytest.raises(ValueError, match="float32 only"):

@@ -7,8 +7,8 @@
 //
 // Work: the assignments (token, k) sorted by expert (stable: by token, then k), then two
 // splits over XLA's intra-op pool. An expert with few rows streams its kernels once, and a
-// stream runs fastest contiguous: each kernel is cut into chunks of whole rows (`Chunks`), and
-// a chunk's product is a partial sum. First the gate and up products per (expert, chunk of
+// stream runs fastest contiguous: each kernel is cut into chunks of whole rows
+// (`row_chunks.h`), and a chunk's product is a partial sum. First the gate and up products per (expert, chunk of
 // D); then per (expert, chunk of F) the activation of those hidden units, silu(g) · u ·
 // weight, from the summed partials and its share of the down product. Each token's output
 // accumulates its k outputs in k order (each its chunks' partial outputs), then the shared
@@ -24,6 +24,7 @@
 #include "blas.h"
 #include "expert_stacks.h"
 #include "parallel.h"
+#include "row_chunks.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -101,25 +102,6 @@ void Route(const float* scores, const float* bias, int64_t E, const Routing& r, 
     weights[k] = (r.norm ? weights[k] / (sum + 1e-20f) : weights[k]) * r.scaling;
 }
 
-// An expert with at most this many rows has its kernels cut into chunks (more rows: one
-// chunk each; the products then reuse each kernel row and the experts are the parallel work).
-constexpr int64_t kFewRows = 8;
-// Bytes of kernel per chunk, at least; at most kMostChunks chunks.
-constexpr int64_t kChunkBytes = 64 << 10;
-constexpr int64_t kMostChunks = 4;
-
-// Chunks of a [depth, width] kernel's rows for an expert of `rows` rows.
-int64_t Chunks(int64_t depth, int64_t width, int64_t rows) {
-  if (rows > kFewRows) return 1;
-  return std::clamp<int64_t>(depth * width * int64_t{sizeof(float)} / kChunkBytes, 1,
-                             std::min(kMostChunks, depth));
-}
-
-// [c · depth / chunks, (c + 1) · depth / chunks): chunk c's rows.
-std::pair<int64_t, int64_t> Rows(int64_t depth, int64_t c, int64_t chunks) {
-  return {depth * c / chunks, depth * (c + 1) / chunks};
-}
-
 // One expert's share of the work: `rows` rows (sorted assignments, or every token for the
 // shared expert) through kernels gate/up [D, F] and down [F, D], with its partial sums.
 struct Expert {
@@ -137,15 +119,21 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down,
                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> shared_gate,
                        ffi::Buffer<ffi::F32> shared_up, ffi::Buffer<ffi::F32> shared_down,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> chosen,
+                       ffi::Buffer<ffi::F32> norm, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> chosen,
                        ffi::ResultBuffer<ffi::F32> scores, int64_t groups, int64_t topk_group,
-                       int64_t top_k, bool norm_topk_prob, float scaling) {
+                       int64_t top_k, bool norm_topk_prob, float scaling, float eps) {
   const int64_t N = x.dimensions()[0], D = x.dimensions()[1];
   const int64_t E = router.dimensions()[1];
   const auto gd = gate.dimensions();
   const int64_t F = gd[gd.size() - 1], Fs = shared_gate.dimensions()[1];
   const int64_t K = top_k, A = N * K;
   const float* xs = x.typed_data();
+  std::vector<float> normed;  // the tokens through the layer's norm, when given one
+  if (norm.element_count() > 0) {
+    normed.resize(N * D);
+    dsv3::RmsNormRows(xs, N, D, norm.typed_data(), eps, normed.data());
+    xs = normed.data();
+  }
   float* out = y->typed_data();
   float* s = scores->typed_data();
   int32_t* ex = chosen->typed_data();
@@ -184,7 +172,8 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<int64_t> expert_of(E, -1);  // each chosen expert's index in `experts`
   auto add = [&](const float* g, const float* u, const float* d, int64_t width, int64_t n,
                  const float* in, const float* sc) {
-    Expert t{g, u, d, width, n, in, sc, Chunks(D, width, n), Chunks(width, D, n)};
+    Expert t{g, u, d, width, n, in, sc, dsv3::RowChunks(D, width, n),
+             dsv3::RowChunks(width, D, n)};
     t.g.resize(t.up_chunks * n * width);
     t.u.resize(t.up_chunks * n * width);
     t.out.resize(t.down_chunks * n * D);
@@ -208,7 +197,7 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   dsv3::Parallel(pool, units.size(), [&](int64_t unit) {
     Expert& t = experts[units[unit].first];
     const int64_t c = units[unit].second, size = t.rows * t.F;
-    const auto [d0, d1] = Rows(D, c, t.up_chunks);
+    const auto [d0, d1] = dsv3::ChunkRows(D, c, t.up_chunks);
     dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
                 t.gate + d0 * t.F, t.F, 0.0f, &t.g[c * size], t.F);
     dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
@@ -221,7 +210,7 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   dsv3::Parallel(pool, units.size(), [&](int64_t unit) {
     Expert& t = experts[units[unit].first];
     const int64_t c = units[unit].second, size = t.rows * t.F;
-    const auto [f0, f1] = Rows(t.F, c, t.down_chunks);
+    const auto [f0, f1] = dsv3::ChunkRows(t.F, c, t.down_chunks);
     const int64_t w = f1 - f0;
     thread_local std::vector<float> hidden;
     hidden.resize(t.rows * w);
@@ -275,6 +264,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Dsv3FewTokenMoe, FewTokenMoe,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -282,4 +272,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Dsv3FewTokenMoe, FewTokenMoe,
                                   .Attr<int64_t>("topk_group")
                                   .Attr<int64_t>("top_k")
                                   .Attr<bool>("norm_topk_prob")
-                                  .Attr<float>("scaling"));
+                                  .Attr<float>("scaling")
+                                  .Attr<float>("eps"));

@@ -2,6 +2,8 @@
 // the building machine's widest registers) and the math the kernels' elementwise steps need.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -81,6 +83,24 @@ inline float ExpShifted(float* x, int64_t n, float shift) {
   float sum = 0.0f;
   for (int64_t i = 0; i < kLanes; ++i) sum += sums[i];
   return sum;
+}
+
+// out[m] = x[m] / sqrt(mean(x[m]²) + eps) · weight for rows m < M of x [M, K] (layers.RMSNorm
+// in float32; out may not alias x).
+inline void RmsNormRows(const float* x, int64_t M, int64_t K, const float* weight, float eps,
+                        float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    Floats squares{};
+    for (int64_t k = 0; k < K; k += kLanes) {
+      const Floats v = Load(row + k, std::min(kLanes, K - k));
+      squares += v * v;
+    }
+    float sum = 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) sum += squares[l];
+    const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(K) + eps);
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = weight[k] * (row[k] * inverse);
+  }
 }
 
 }  // namespace dsv3

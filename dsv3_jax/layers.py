@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax import fp8 as fp8_lib
+from dsv3_jax import skinny_matmul
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.rms_norm import rms_norm
 
@@ -56,6 +57,28 @@ def project(eqn: str, x: Array, w: Weight, config: ModelConfig, out_dtype=None,
     out = fp8_lib.project(eqn, x.astype(dtype), w.kernel.astype(dtype), recipe, w.fp8_state,
                           config.fp8_margin)
     return out.astype(dtype if out_dtype is None else out_dtype)
+
+
+# The variable collection of a layer's decode kernels: copies of its weights in the layout a
+# decode step reads best, made once for a decode loop (`dsv3_jax.unstacked`) and used when
+# present (`mla.absorbed_kernels`; a dense SwiGLU's "gate_up", [D, 2F]).
+ABSORBED = "absorbed"
+
+
+def normed_project(x: Array, norm: RMSNorm | None, kernel: Array, config: ModelConfig,
+                   out_dtype=None) -> Array:
+    """x [B, T, K] through `norm` (when given), projected by kernel [K, N] → [B, T, N] in
+    `out_dtype` (default: the compute dtype), without an FP8 recipe: for a few float32 rows on
+    one CPU device one `skinny_matmul` call that normalizes its rows itself (the norm's four
+    XLA thunks saved), else `norm` then the product."""
+    B, T, K = x.shape
+    rows = x.reshape(B * T, K)
+    out_dtype = dtype_of(config.dtype) if out_dtype is None else out_dtype
+    if norm is not None and skinny_matmul.pays(rows, kernel):
+        out = skinny_matmul.matmul(rows, kernel, norm.weight, config.rms_norm_eps)
+        return out.reshape(B, T, -1).astype(out_dtype)
+    x = x if norm is None else norm(x)
+    return project("BTK,KN->BTN", x, Weight(kernel), config, out_dtype, fp8=False)
 
 
 def logically_partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
@@ -141,9 +164,17 @@ class SwiGLU(nn.Module):
         """(gate [D, F], up [D, F], down [F, D]) with their FP8 states."""
         return self.gate_proj.weight(), self.up_proj.weight(), self.down_proj.weight()
 
-    def __call__(self, x: Array) -> Array:
-        gate = self.gate_proj("BTD,DF->BTF", x)
-        up = self.up_proj("BTD,DF->BTF", x)
+    def __call__(self, x: Array, norm: RMSNorm | None = None) -> Array:
+        """x [B, T, D], through `norm` first when given (a dense block's post-attention norm:
+        the decode layout's fused [gate | up] kernel, `ABSORBED` "gate_up", applies it in its
+        call)."""
+        if self.config.fp8 == "none" and self.has_variable(ABSORBED, "gate_up"):
+            gate, up = jnp.split(normed_project(x, norm, self.get_variable(ABSORBED, "gate_up"),
+                                               self.config), 2, axis=-1)
+        else:
+            x = x if norm is None else norm(x)
+            gate = self.gate_proj("BTD,DF->BTF", x)
+            up = self.up_proj("BTD,DF->BTF", x)
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         return self.down_proj("BTF,FD->BTD", h)
 

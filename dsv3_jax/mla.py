@@ -28,9 +28,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import cpu_kernels, fused_attention, latent_attention, skinny_matmul
+from dsv3_jax import cpu_kernels, fused_attention, latent_attention
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers import Einsum, RMSNorm, Weight, dtype_of, product, project
+from dsv3_jax.layers import (
+    ABSORBED,
+    Einsum,
+    RMSNorm,
+    Weight,
+    dtype_of,
+    normed_project,
+    product,
+    project,
+)
 from dsv3_jax.rope import apply_rope, softmax_scale
 
 # Rows up to which per-row cache writes (one index per sequence) are unrolled slice updates;
@@ -63,8 +72,8 @@ def write_entries(buf: jax.Array, new: jax.Array, index: jax.Array, at: tuple = 
 # the projections that read the same input as one kernel each, "x" = [q_a | kv_a | k_pe]
 # ([D, Q + C + R]; without q compression [q_nope | q_pe | kv_a | k_pe], [D, N·H + N·R + C + R])
 # and "q_b" = [q_b_nope | q_b_pe] ([Q, N·H + N·R]): a decode step's projections are streams
-# through their weights, and one call per input instead of two or three.
-ABSORBED = "absorbed"
+# through their weights, and one call per input instead of two or three. (`layers.ABSORBED`:
+# a dense layer's SwiGLU keeps its fused [gate | up] there too.)
 
 
 def absorbed_kernels(attention_params: dict) -> dict:
@@ -182,8 +191,8 @@ class MLA(nn.Module):
             if c.q_lora_rank is None:
                 q = projected["q"]
             else:
-                q = _normed_projection(projected["q_a"], self.q_a_layernorm,
-                                       self.get_variable(ABSORBED, "q_b"), c)
+                q = normed_project(projected["q_a"], self.q_a_layernorm,
+                                   self.get_variable(ABSORBED, "q_b"), c)
             B, T = q.shape[:2]
             q_nope = jnp.swapaxes(q[..., :N * H].reshape(B, T, N, H), 1, 2)
             q_pe = q[..., N * H:].reshape(B, T, N, R)
@@ -211,7 +220,7 @@ class MLA(nn.Module):
         c = self.config
         if c.fp8 != "none" or not self.has_variable(ABSORBED, "x"):
             return None
-        out = _normed_projection(x, norm, self.get_variable(ABSORBED, "x"), c)
+        out = normed_project(x, norm, self.get_variable(ABSORBED, "x"), c)
         N = c.num_attention_heads
         q = c.q_lora_rank or N * (c.qk_nope_head_dim + c.qk_rope_head_dim)
         sizes = {"q_a" if c.q_lora_rank else "q": q, "kv_a": c.kv_lora_rank,
@@ -282,21 +291,6 @@ class MLA(nn.Module):
             out = causal_attention(q_nope, q_pe, k_nope, k_pe, v, positions, self.config)
         out = nn.with_logical_constraint(out, ("batch", "heads", "length", "v_head"))
         return self.o_proj("BNTA,NAD->BTD", out), cache
-
-
-def _normed_projection(x: jax.Array, norm: RMSNorm | None, kernel: jax.Array,
-                       config: ModelConfig) -> jax.Array:
-    """x [B, T, K] through `norm` (when given) and projected by kernel [K, N] → [B, T, N] in
-    the compute dtype: for a few float32 rows on one CPU device one `skinny_matmul` call that
-    normalizes its rows itself (the norm's four XLA thunks saved), else `norm` then
-    `layers.project`."""
-    B, T, K = x.shape
-    rows = x.reshape(B * T, K)
-    if norm is not None and skinny_matmul.pays(rows, kernel):
-        out = skinny_matmul.matmul(rows, kernel, norm.weight, config.rms_norm_eps)
-        return out.reshape(B, T, -1).astype(dtype_of(config.dtype))
-    x = x if norm is None else norm(x)
-    return project("BTK,KN->BTN", x, Weight(kernel), config)
 
 
 ATTENTION_CHUNK = 128  # query positions per causal chunk (at least; at most 16 chunks)

@@ -28,7 +28,15 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.expert_compute import ExpertStacks, stacks_pay
-from dsv3_jax.layers import Einsum, RMSNorm, SwiGLU, dtype_of, logically_partitioned, remat_policy
+from dsv3_jax.layers import (
+    Einsum,
+    RMSNorm,
+    SwiGLU,
+    dtype_of,
+    logically_partitioned,
+    normed_project,
+    remat_policy,
+)
 from dsv3_jax.mla import MLA, LatentCache, LayerCache
 from dsv3_jax.moe import MoE
 
@@ -62,7 +70,7 @@ class Block(nn.Module):
         if self.moe:
             y, counts, balance = MoE(c, name="mlp")(x, bias, stacks, norm=norm)
         else:
-            y, counts, balance = SwiGLU(c.intermediate_size, c, name="mlp")(norm(x)), None, None
+            y, counts, balance = SwiGLU(c.intermediate_size, c, name="mlp")(x, norm), None, None
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
         return x, (cache, counts, balance)
 
@@ -251,10 +259,13 @@ def output_heads(c: ModelConfig, x, mtp_embeds, positions, cache_index, mtp_bias
       (hidden [B, T, D], logits [B, T, V] f32, mtp_logits tuple, counts list of [1, E],
        balance list of [1], new mtp cache or None)
     """
-    hidden = RMSNorm(c.hidden_size, c, name="norm")(x)
+    norm = RMSNorm(c.hidden_size, c, name="norm")
+    hidden = norm(x)
     head = Einsum((c.hidden_size, c.vocab_size), ("embed", "vocab"), c, out_dtype="float32",
                   fp8=False, name="lm_head")  # high precision, as in V3
-    logits = head("BTD,DV->BTV", hidden)
+    # the logits from x and the norm: on one CPU device a few rows' norm runs in the head's
+    # kernel call (hidden, then needed only by MTP or a caller, is computed apart)
+    logits = normed_project(x, norm, head.kernel, c, jnp.float32)
     mtp_logits, counts, balance, new_cache = [], [], [], None
     if mtp_embeds:
         h = hidden

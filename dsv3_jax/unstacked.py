@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from dsv3_jax.backends import platform
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.mla import ABSORBED, absorbed_kernels
+from dsv3_jax.layers import ABSORBED
+from dsv3_jax.mla import absorbed_kernels
 from dsv3_jax.model import (
     Block,
     DeepSeekV3,
@@ -58,15 +59,23 @@ def _layers(config: ModelConfig, variables: dict, name: str, length: int) -> tup
     layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacks) for i in range(length))
     if config.fp8 != "none":
         return layers
-    # the absorbed decode's kv_b kernels heads-first, made once (`mla.ABSORBED`)
-    return tuple({**layer, ABSORBED: {"self_attn": absorbed_kernels(
-        layer["params"]["self_attn"])}} for layer in layers)
+    # the decode kernels, made once (`layers.ABSORBED`): MLA's (`mla.absorbed_kernels`) and a
+    # dense SwiGLU's [gate | up]
+    def decode_kernels(params):
+        out = {"self_attn": absorbed_kernels(params["self_attn"])}
+        if "gate_proj" in params["mlp"]:
+            mlp = params["mlp"]
+            out["mlp"] = {"gate_up": jnp.concatenate([mlp["gate_proj"]["kernel"],
+                                                      mlp["up_proj"]["kernel"]], axis=1)}
+        return out
+
+    return tuple({**layer, ABSORBED: decode_kernels(layer["params"])} for layer in layers)
 
 
 def unstack_variables(config: ModelConfig, variables: dict) -> Unstacked:
     """Splits the layer stacks of `DeepSeekV3` variables (boxed or plain) into per-layer ones:
     one copy of the weights, made once (call it outside the decode loop); without an FP8
-    recipe each layer also holds its absorbed-decode kernels heads-first (`mla.ABSORBED`)."""
+    recipe each layer also holds its decode kernels (`layers.ABSORBED`)."""
     variables = nn.unbox(variables)
     names = {name for _, name, _ in _STACKS}
     rest = {col: {k: v for k, v in tree.items() if k not in names}

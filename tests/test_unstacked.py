@@ -21,7 +21,7 @@ from dsv3_jax import (
     init_variables,
     unstacked,
 )
-from dsv3_jax.mla import ABSORBED
+from dsv3_jax.layers import ABSORBED
 
 TINY = ModelConfig.preset("tiny")
 CONFIGS = {
@@ -44,7 +44,7 @@ def close(got, want, what):
 @pytest.mark.parametrize("name, B", [(name, 3) for name in CONFIGS] + [("dense+moe", 1)])
 def test_unstacked_forward_equals_the_scanned_model(name, B):
     """B = 1: the per-layer caches drop their batch axis (`LatentCache.squeeze`). Without an
-    FP8 recipe the step reads the layers' decode kernels (`mla.ABSORBED`: the absorbed
+    FP8 recipe the step reads the layers' decode kernels (`layers.ABSORBED`: the absorbed
     products' heads-first copies, the projections of one input as one kernel, with and without
     q compression), the scanned model the stored kernels."""
     c = CONFIGS[name]

@@ -1,24 +1,29 @@
 // A DeepSeekMoE layer on a few tokens (a decode step), float32, as one XLA FFI handler: the
-// router (sigmoid scores, the correction bias for selection, group-limited top-k, the weights
-// from the unbiased scores), the chosen experts' SwiGLUs and the shared expert's, and the
-// combine. Replaces the ~30 XLA thunks and five kernel calls of a decode step's MoE layer.
-// Built and registered by dsv3_jax/cpu_kernels.py; called by dsv3_jax/few_token_moe.py
-// (dimension key and routing there).
+// norm before it (when given its weight), the router (sigmoid scores, the correction bias for
+// selection, group-limited top-k, the weights from the unbiased scores), the chosen experts'
+// SwiGLUs and the shared expert's, and the combine. Replaces the ~30 XLA thunks and five
+// kernel calls of a decode step's MoE layer. Built and registered by dsv3_jax/cpu_kernels.py;
+// called by dsv3_jax/few_token_moe.py (dimension key and routing there).
 //
-// Work: the assignments (token, k) sorted by expert (stable: by token, then k), then two
-// splits over XLA's intra-op pool. An expert with few rows streams its kernels once, and a
-// stream runs fastest contiguous: each kernel is cut into chunks of whole rows
-// (`row_chunks.h`), and a chunk's product is a partial sum. First the gate and up products per (expert, chunk of
-// D); then per (expert, chunk of F) the activation of those hidden units, silu(g) · u ·
-// weight, from the summed partials and its share of the down product. Each token's output
-// accumulates its k outputs in k order (each its chunks' partial outputs), then the shared
-// expert's (an expert with S hidden units over all tokens). The chunks depend on the shapes and the
-// routing only, never on the threads: the sums are the same on any machine.
+// Work: the assignments (token, k) sorted by expert (stable: by token, then k), then one split
+// over XLA's intra-op pool in two parts. An expert with few rows streams its kernels once, and
+// a stream runs fastest contiguous: each kernel is cut into chunks of whole rows
+// (`row_chunks.h`), and a chunk's product is a partial sum. First the gate and up products per
+// (expert, chunk of D); then per (expert, chunk of F) the activation of those hidden units,
+// silu(g) · u · weight, from the summed partials, and its share of the down product. Each
+// token's output accumulates its k outputs in k order (each its chunks' partial outputs), then
+// the shared expert's (an expert with S hidden units over all tokens). The chunks depend on
+// the shapes and the routing only, never on the threads: the sums are the same on any machine.
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "blas.h"
@@ -190,26 +195,34 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     add(shared_gate.typed_data(), shared_up.typed_data(), shared_down.typed_data(), Fs, N, xs,
         nullptr);
 
-  // gate and up, per (expert, chunk of D)
+  // one split over the pool: first every (expert, chunk of D) of the gate and up products,
+  // then every (expert, chunk of F) of the activation and down product. A participant takes
+  // the units in order, so when it takes an expert's down unit all of that expert's gate and
+  // up units are taken (by running participants): it waits for them to finish, never for a
+  // unit not yet started (one barrier fewer than two splits)
   std::vector<std::pair<int64_t, int64_t>> units;
   for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i)
     for (int64_t c = 0; c < experts[i].up_chunks; ++c) units.push_back({i, c});
-  dsv3::Parallel(pool, units.size(), [&](int64_t unit) {
-    Expert& t = experts[units[unit].first];
-    const int64_t c = units[unit].second, size = t.rows * t.F;
-    const auto [d0, d1] = dsv3::ChunkRows(D, c, t.up_chunks);
-    dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
-                t.gate + d0 * t.F, t.F, 0.0f, &t.g[c * size], t.F);
-    dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
-                t.up + d0 * t.F, t.F, 0.0f, &t.u[c * size], t.F);
-  });
-  // the activation and down, per (expert, chunk of F)
-  units.clear();
+  const int64_t up_units = units.size();
   for (int64_t i = 0; i < static_cast<int64_t>(experts.size()); ++i)
     for (int64_t c = 0; c < experts[i].down_chunks; ++c) units.push_back({i, c});
+  std::unique_ptr<std::atomic<int64_t>[]> ups_done(new std::atomic<int64_t>[experts.size()]);
+  for (size_t i = 0; i < experts.size(); ++i) ups_done[i].store(0);
   dsv3::Parallel(pool, units.size(), [&](int64_t unit) {
-    Expert& t = experts[units[unit].first];
-    const int64_t c = units[unit].second, size = t.rows * t.F;
+    const int64_t i = units[unit].first, c = units[unit].second;
+    Expert& t = experts[i];
+    const int64_t size = t.rows * t.F;
+    if (unit < up_units) {
+      const auto [d0, d1] = dsv3::ChunkRows(D, c, t.up_chunks);
+      dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
+                  t.gate + d0 * t.F, t.F, 0.0f, &t.g[c * size], t.F);
+      dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
+                  t.up + d0 * t.F, t.F, 0.0f, &t.u[c * size], t.F);
+      ups_done[i].fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; ups_done[i].load(std::memory_order_acquire) < t.up_chunks; ++spins)
+      spins < 64 ? _mm_pause() : std::this_thread::yield();  // the core, if another waits
     const auto [f0, f1] = dsv3::ChunkRows(t.F, c, t.down_chunks);
     const int64_t w = f1 - f0;
     thread_local std::vector<float> hidden;

@@ -124,8 +124,9 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::AnyBuffer gate, ffi::AnyBuffer up, ffi::AnyBuffer down,
                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> shared_gate,
                        ffi::Buffer<ffi::F32> shared_up, ffi::Buffer<ffi::F32> shared_down,
-                       ffi::Buffer<ffi::F32> norm, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S32> chosen,
-                       ffi::ResultBuffer<ffi::F32> scores, int64_t groups, int64_t topk_group,
+                       ffi::Buffer<ffi::F32> norm, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::S32> chosen, ffi::ResultBuffer<ffi::F32> scores,
+                       int64_t groups, int64_t topk_group,
                        int64_t top_k, bool norm_topk_prob, float scaling, float eps) {
   const int64_t N = x.dimensions()[0], D = x.dimensions()[1];
   const int64_t E = router.dimensions()[1];

@@ -4,8 +4,10 @@ Dimension key: N tokens, D model, E routed experts, K experts per token, F exper
 S shared hidden units (n_shared_experts · moe_intermediate_size), L layers of a stack.
 
     layer(tokens [N, D], router [D, E], bias [E], gate, up [E, D, F], down [E, F, D], layer,
-          shared_gate, shared_up [D, S], shared_down [S, D], config)
+          shared_gate, shared_up [D, S], shared_down [S, D], config, norm [D] or None)
         -> (y [N, D]: shared(x) + Σ_k w_k · expert_k(x),  experts [N, K] int32,  scores [N, E])
+
+with x the tokens through an RMSNorm of weight `norm` when one is given ([0]: none).
 
 The routing is `moe.route`'s (sigmoid scores, the correction bias for selection only, the
 top-2 sums of `n_group` groups keeping `topk_group`, the top K among them with the lower index
@@ -50,7 +52,8 @@ def layer(tokens, router, bias, gate, up, down, layer_index, shared_gate, shared
           shared_down, config: ModelConfig, norm=None):
     """The kernel call (module docstring); check `pays` first. With `norm` [D] the tokens are
     normalized first (`rms_norm` with the config's eps: the block's post-attention norm, in
-    the same call). Inference only: `moe` wraps it with the XLA path's gradient."""
+    the same call); an empty `norm` ([0]) is none. Inference only: `moe` wraps it with the
+    XLA path's gradient."""
     N, D = tokens.shape
     E, K = config.n_routed_experts, config.num_experts_per_tok
     if (router.shape != (D, E) or bias.shape != (E,) or gate.shape[-3:] != (E, D, gate.shape[-1])

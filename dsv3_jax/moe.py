@@ -547,7 +547,7 @@ def few_token_layer(config: ModelConfig, tokens, router, bias, gate, up, down, l
     normalized first by `norm` [D] unless it is empty ([0]). Its derivatives are those of the
     XLA path (`_few_token_reference`), which then also computes the value."""
     return few_token_moe.layer(tokens, router, bias, gate, up, down, layer, shared_gate,
-                               shared_up, shared_down, config, norm if norm.shape[0] else None)
+                               shared_up, shared_down, config, norm)
 
 
 @few_token_layer.defjvp

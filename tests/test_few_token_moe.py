@@ -105,8 +105,8 @@ def test_kernel_matches_a_float64_loop(name, tokens, layers, normed):
 
 def test_ties_take_the_lower_index_as_top_k_does():
     """A zero token scores every expert 0.5: with no bias every group ties and every expert
-    ties; with a bias equal on two groups the groups tie. The kernel picks what `moe.route`
-    (jax.lax.top_k: the lower index first) picks."""
+    ties; with the same bias on groups 1-3 those three tie for two places. The kernel picks
+    what `moe.route` (jax.lax.top_k: the lower index first) picks."""
     c = ModelConfig.preset("tiny", **CONFIGS["grouped"])
     x, router, _, gate, up, down, *shared = _operands(c, 3)
     x = x.at[0].set(0.0)

@@ -70,13 +70,14 @@ struct Routing {
   float scaling;
 };
 
-// One token's experts [K] and weights [K] from its scores [E] and the bias [E] (moe.route).
+// One token's experts [K] and weights [K] from its scores [E] and the bias [E] (moe.route);
+// biased [E], group_scores [groups] and taken are scratch.
 void Route(const float* scores, const float* bias, int64_t E, const Routing& r, int32_t* experts,
-           float* weights, std::vector<float>& biased, std::vector<char>& taken) {
+           float* weights, std::vector<float>& biased, std::vector<float>& group_scores,
+           std::vector<char>& taken) {
   for (int64_t e = 0; e < E; ++e) biased[e] = scores[e] + bias[e];
   if (r.groups > 1) {  // keep the topk_group groups whose top-2 biased scores sum highest
     const int64_t per = E / r.groups, top = std::min<int64_t>(2, per);
-    std::vector<float> group_scores(r.groups);
     for (int64_t g = 0; g < r.groups; ++g) {
       taken.assign(per, 0);
       float sum = 0.0f;
@@ -152,11 +153,11 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     dsv3::Store(s + i, dsv3::Sigmoid(dsv3::Load(s + i, n)), n);
   }
   const Routing routing{groups, topk_group, K, norm_topk_prob, scaling};
-  std::vector<float> weights(A), biased(E);
+  std::vector<float> weights(A), biased(E), group_scores(groups);
   std::vector<char> taken(E);
   for (int64_t n = 0; n < N; ++n)
     Route(s + n * E, bias.typed_data(), E, routing, ex + n * K, weights.data() + n * K, biased,
-          taken);
+          group_scores, taken);
 
   // the assignments sorted by expert (stable), their input rows and weights gathered
   std::vector<int64_t> count(E + 1, 0), slot(A);
@@ -237,7 +238,7 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           g += dsv3::Load(&t.g[p * size + at], n);
           u += dsv3::Load(&t.u[p * size + at], n);
         }
-        dsv3::Store(&hidden[r * w + f], g * dsv3::Sigmoid(g) * u * sc, n);
+        dsv3::Store(&hidden[r * w + f], dsv3::SwigluActivation(g, u, sc), n);
       }
     }
     dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, D, w, 1.0f, hidden.data(), w,

@@ -155,7 +155,7 @@ ffi::Error SwigluHidden(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g
       for (int64_t f = 0; f < F; f += dsv3::kLanes) {
         const int64_t n = std::min(dsv3::kLanes, F - f), o = r * F + f;
         const dsv3::Floats gv = dsv3::Load(gt + o, n);
-        dsv3::Store(ht + o, gv * dsv3::Sigmoid(gv) * dsv3::Load(ut + o, n) * s, n);
+        dsv3::Store(ht + o, dsv3::SwigluActivation(gv, dsv3::Load(ut + o, n), s), n);
       }
     }
   });
@@ -204,9 +204,7 @@ ffi::Error SwigluHiddenGrads(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
         dsv3::Store(&dU[o], d * s * silu, n);
         dsv3::Store(&dG[o], d * s * uv * sg * (1.0f + gv * (1.0f - sg)), n);
       }
-      float sum = 0.0f;
-      for (int64_t l = 0; l < dsv3::kLanes; ++l) sum += sums[l];
-      dss[r] = sum;
+      dss[r] = dsv3::Sum(sums);
     }
     dsv3::Sgemm(CblasNoTrans, CblasTrans, t.rows, D, F, 1.0f,
                 &dG[t.start * F], F, wg + t.group * D * F, F, 0.0f, dxs + t.start * D, D);

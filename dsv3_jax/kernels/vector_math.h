@@ -36,6 +36,19 @@ inline Floats Exp(Floats x) {
 // 1 / (1 + exp(-x)) per lane.
 inline Floats Sigmoid(Floats x) { return 1.0f / (1.0f + Exp(-x)); }
 
+// A SwiGLU's hidden units from its gate and up products, scaled (an expert's routing weight):
+// silu(g) · u · scale, as the XLA paths compute them (grouped GEMMs, the few-token MoE).
+inline Floats SwigluActivation(Floats g, Floats u, float scale) {
+  return g * Sigmoid(g) * u * scale;
+}
+
+// The sum of v's lanes, in lane order.
+inline float Sum(Floats v) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+}
+
 inline Floats Load(const float* p) {
   Floats v;
   std::memcpy(&v, p, sizeof v);
@@ -80,9 +93,7 @@ inline float ExpShifted(float* x, int64_t n, float shift) {
     Store(x + s, e);
     sums += e;
   }
-  float sum = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) sum += sums[i];
-  return sum;
+  return Sum(sums);
 }
 
 // out[m] = x[m] / sqrt(mean(x[m]²) + eps) · weight for rows m < M of x [M, K] (layers.RMSNorm
@@ -96,9 +107,7 @@ inline void RmsNormRows(const float* x, int64_t M, int64_t K, const float* weigh
       const Floats v = Load(row + k, std::min(kLanes, K - k));
       squares += v * v;
     }
-    float sum = 0.0f;
-    for (int64_t l = 0; l < kLanes; ++l) sum += squares[l];
-    const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(K) + eps);
+    const float inverse = 1.0f / std::sqrt(Sum(squares) / static_cast<float>(K) + eps);
     for (int64_t k = 0; k < K; ++k) out[m * K + k] = weight[k] * (row[k] * inverse);
   }
 }

@@ -66,7 +66,7 @@ def main():
             return jax.block_until_ready(copy(saved))
         cache, token = ours.prefill(prompt, length)
         for _ in range(args.passes if mode == "after_passes" else 0):
-            jax.block_until_ready(read((ours.layers, cache)))
+            jax.block_until_ready(read((ours.step.weights, cache)))
         return cache, token
 
     for mode in STARTS:
@@ -74,9 +74,10 @@ def main():
         for _ in range(args.repeats):
             cache, token = start(mode)
             index = jnp.int32(args.context)
+            cache = ours.step.cache(cache)
             for i in range(args.steps):
                 begin = time.perf_counter()
-                token, cache, index = ours.step(ours.layers, token, cache, index)
+                token, cache, index = ours.step(token, cache, index)
                 jax.block_until_ready(token)
                 per_step[i].append(time.perf_counter() - begin)
         ms = [statistics.median(t[1:] or t) * 1e3 for t in per_step]

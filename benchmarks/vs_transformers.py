@@ -45,6 +45,7 @@ from dsv3_jax import (
 )
 from dsv3_jax.accounting import decode_step_bytes, flops_per_token
 from dsv3_jax.config import NON_HF_FIELDS
+from dsv3_jax.decode_step import DecodeStep
 from dsv3_jax.model import init_cache, init_variables
 from dsv3_jax.sampling import greedy
 from dsv3_jax.training.step import cross_entropy
@@ -129,15 +130,11 @@ class Ours:
             return (unstacked.unstack_cache(out.cache),
                     greedy(out.logits[:, -1:]))
 
-        # decode steps as generate() runs them: per-layer weights and caches, split once
-        self.layers = jax.device_put(unstacked.unstack_variables(c, self.variables))
+        # decode steps as a serving loop runs them, one jitted call per token
+        # (`dsv3_jax.decode_step`): per-layer weights and caches split once, passed flat
+        self.step = DecodeStep(c, self.variables, head=lambda logits: greedy(logits[:, -1:]))
 
-        @functools.partial(jax.jit, donate_argnums=2)
-        def step(layers, token, cache, index):
-            out = unstacked.forward(c, layers, token, cache=cache, cache_index=index)
-            return greedy(out.logits[:, -1:]), out.cache, index + 1
-
-        self._prefill, self.step = prefill, step
+        self._prefill = prefill
 
     def train(self, tokens):
         jax.block_until_ready(self._grad(self.variables["params"], tokens))
@@ -147,8 +144,9 @@ class Ours:
 
     def decode(self, cache, token, index, steps):
         index = jnp.int32(index)  # carried on device, as a serving loop would
+        cache = self.step.cache(cache)
         for _ in range(steps):
-            token, cache, index = self.step(self.layers, token, cache, index)
+            token, cache, index = self.step(token, cache, index)
         return jax.block_until_ready(token)
 
     def generate(self, tokens, new):

@@ -117,12 +117,28 @@ def for_decoding(config: ModelConfig, variables: dict, cache: dict):
     [B, T], positions [B, T], cache, cache_index) → ModelOutput (absorbed path, no MTP), the
     cache it returns in the layout it took. The per-layer layout when `split_pays()`, else
     `DeepSeekV3.apply` over the stacks (module docstring)."""
-    if split_pays():
-        return (unstack_variables(config, variables), unstack_cache(cache),
-                lambda w, tokens, positions, cache, index: forward(
-                    config, w, tokens, positions, cache=cache, cache_index=index))
+    split = split_pays()
+    return (decoding_weights(config, variables, split), decoding_cache(cache, split),
+            decoding_forward(config, split))
+
+
+def decoding_weights(config: ModelConfig, variables: dict, split: bool) -> Unstacked | dict:
+    """`for_decoding`'s weights: `unstack_variables` when split, else the variables as given."""
+    return unstack_variables(config, variables) if split else variables
+
+
+def decoding_cache(cache: dict, split: bool) -> dict:
+    """`for_decoding`'s cache from `init_cache`'s layout: `unstack_cache` when split."""
+    return unstack_cache(cache) if split else cache
+
+
+def decoding_forward(config: ModelConfig, split: bool):
+    """`for_decoding`'s step function over `decoding_weights` and `decoding_cache`."""
+    if split:
+        return lambda w, tokens, positions, cache, index: forward(
+            config, w, tokens, positions, cache=cache, cache_index=index)
     model = DeepSeekV3(config)
-    return variables, cache, lambda w, tokens, positions, cache, index: model.apply(
+    return lambda w, tokens, positions, cache, index: model.apply(
         w, tokens, positions, cache=cache, cache_index=index, absorb=True, mtp=False)
 
 

@@ -48,6 +48,10 @@ def test_decode_step_equals_the_full_forward(monkeypatch, split, B):
         want_cache = net.apply(variables, tokens[:, t:t + 1], cache=want_cache,
                                cache_index=index, absorb=True, mtp=False).cache
         index = next_index
+    # the copies only other paths read are not passed (`DecodeStep._plan`): the decode kernels'
+    # fused copies replace the projections they fuse
+    (plan,) = step._plans.values()
+    assert 0 < len(plan[1]) < len(step.weights) if split else len(plan[1]) == len(step.weights)
     got = step.restore(cache)
     for key in ("dense", "moe"):
         for name in ("c_kv", "k_pe"):
@@ -68,6 +72,8 @@ def test_decode_step_names_bad_arguments():
     with pytest.raises(TypeError, match="model cache"):
         step.cache([jnp.zeros(3)])
     cache = step.cache(init_cache(c, 1, 8))
+    with pytest.raises(ValueError, match=r"expected tokens \[B, T\]"):
+        step(jnp.zeros((1,), jnp.int32), cache, jnp.int32(0))
     with pytest.raises(TypeError, match="DecodeStep.cache or the previous call"):
         step(token, cache[:-1], jnp.int32(0))
     with pytest.raises(TypeError, match="the buffers the step returned"):

@@ -44,6 +44,7 @@ class DecodeStep:
         self.config, self.split = config, unstacked.split_pays()
         weights = unstacked.decoding_weights(config, variables, self.split)  # one copy, once
         self.weights, self._weights_def = jax.tree.flatten(weights)
+        self.weights = jax.device_put(self.weights)  # host arrays (NumPy) copied once, not per call
         self._cache_def = None
         forward = unstacked.decoding_forward(config, self.split)
         head = head or (lambda logits: logits)

@@ -63,9 +63,11 @@ def test_decode_step_equals_the_full_forward(monkeypatch, split, B):
 
 
 def test_decode_step_names_bad_arguments():
+    """…and host (NumPy) weights are put on the device once, not copied on every call."""
     c = TINY
-    variables = init_variables(c, jax.random.key(0))
+    variables = jax.tree.map(np.asarray, init_variables(c, jax.random.key(0)))
     step = DecodeStep(c, variables)
+    assert all(isinstance(w, jax.Array) for w in step.weights)
     token = jnp.zeros((1, 1), jnp.int32)
     with pytest.raises(TypeError, match="DecodeStep.cache or the previous call"):
         step(token, [], jnp.int32(0))  # no cache made yet

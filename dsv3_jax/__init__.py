@@ -11,9 +11,10 @@ retain_on_cpu()  # a CPU process keeps its freed memory: no page faults on every
 from dsv3_jax.accounting import count_params, flops_per_token, kv_cache_bytes
 from dsv3_jax.config import PRESETS, ModelConfig, YarnScaling
 from dsv3_jax.decode import Generation, generate
+from dsv3_jax.decode_step import DecodeStep
 from dsv3_jax.hf import load_hf_checkpoint, save_hf_checkpoint
 from dsv3_jax.model import DeepSeekV3, ModelOutput, init_cache, init_variables
 
-__all__ = ["PRESETS", "DeepSeekV3", "Generation", "ModelConfig", "ModelOutput", "YarnScaling",
-           "count_params", "flops_per_token", "generate", "init_cache", "init_variables",
-           "kv_cache_bytes", "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["PRESETS", "DecodeStep", "DeepSeekV3", "Generation", "ModelConfig", "ModelOutput",
+           "YarnScaling", "count_params", "flops_per_token", "generate", "init_cache",
+           "init_variables", "kv_cache_bytes", "load_hf_checkpoint", "save_hf_checkpoint"]

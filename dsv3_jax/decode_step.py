@@ -57,8 +57,7 @@ class DecodeStep:
             return head(out.logits), jax.tree.leaves(out.cache), index + T
 
         self._step_fn, self._plans = step, {}
-        self._split_cache = jax.jit(lambda c: jax.tree.leaves(unstacked.decoding_cache(
-            c, self.split)))
+        self._split_cache = jax.jit(lambda c: unstacked.decoding_cache(c, self.split))
         self._restore = jax.jit(lambda leaves: unstacked.restack_cache(
             jax.tree.unflatten(self._cache_def, leaves)))
 
@@ -68,13 +67,11 @@ class DecodeStep:
         if not isinstance(cache, dict) or not {"dense", "moe"} <= cache.keys():
             raise TypeError(f"DecodeStep.cache takes a model cache (init_cache's layout or "
                             f"unstack_cache's): got {type(cache).__name__}")
-        if any(isinstance(cache[key], tuple) for key in ("dense", "moe")):
-            leaves, treedef = jax.tree.flatten(cache if self.split
-                                               else unstacked.restack_cache(cache))
-        else:
-            treedef = jax.tree.structure(jax.eval_shape(
-                lambda c: unstacked.decoding_cache(c, self.split), cache))
-            leaves = self._split_cache(cache)
+        if not any(isinstance(cache[key], tuple) for key in ("dense", "moe")):
+            cache = self._split_cache(cache)
+        elif not self.split:
+            cache = unstacked.restack_cache(cache)
+        leaves, treedef = jax.tree.flatten(cache)
         if self._cache_def is not None and treedef != self._cache_def:
             raise ValueError("DecodeStep.cache: this cache's structure differs from the one the "
                              "step was traced for (another config's cache?)")
@@ -109,12 +106,11 @@ class DecodeStep:
         read = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, Literal)}
         read |= {v for v in jaxpr.outvars if not isinstance(v, Literal)}
         kept = [v in read for v in jaxpr.invars[:len(self.weights)]]
-        shapes = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in self.weights]
 
         def step(weights, tokens, cache, index):
             given = iter(weights)
-            every = [next(given) if k else jnp.zeros(a.shape, a.dtype)
-                     for k, a in zip(kept, shapes)]
+            every = [next(given) if k else jnp.zeros(w.shape, w.dtype)
+                     for k, w in zip(kept, self.weights)]
             return self._step_fn(every, tokens, cache, index)
 
         plan = (jax.jit(step, donate_argnums=2),

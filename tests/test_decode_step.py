@@ -19,9 +19,10 @@ TINY = ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)
 def test_decode_step_equals_the_full_forward(monkeypatch, split, B):
     """Prompt of P tokens prefilled, then one token per call (the cache donated, the index
     carried on device): each call's logits equal the full forward's at that position, to fp32
-    noise (1e-5 of the largest logit: the absorbed path's different order of sums); a greedy
-    head gives their argmax; the restored cache equals the model's own absorbed steps' cache
-    (the same operations: 1e-6). B = 1 on the split layout: caches without a batch axis."""
+    noise (2e-6 of the largest logit: the absorbed path's different order of sums, measured
+    ≤ 4.7e-7); a greedy head gives their argmax; the restored cache equals the model's own
+    absorbed steps' cache (the same operations: 1e-6). B = 1 on the split layout: caches
+    without a batch axis."""
     monkeypatch.setattr(unstacked, "split_pays", lambda: split)
     c, P, T = TINY, 5, 4
     variables = init_variables(c, jax.random.key(0))
@@ -43,7 +44,7 @@ def test_decode_step_equals_the_full_forward(monkeypatch, split, B):
         assert int(next_index) == t + 1
         scale = np.abs(full[:, t]).max()
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], rtol=0,
-                                   atol=1e-5 * scale)
+                                   atol=2e-6 * scale)
         np.testing.assert_array_equal(np.asarray(chosen), np.asarray(logits)[:, 0].argmax(-1))
         want_cache = net.apply(variables, tokens[:, t:t + 1], cache=want_cache,
                                cache_index=index, absorb=True, mtp=False).cache

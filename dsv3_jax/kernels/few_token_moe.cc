@@ -14,8 +14,6 @@
 // token's output accumulates its k outputs in k order (each its chunks' partial outputs), then
 // the shared expert's (an expert with S hidden units over all tokens). The chunks depend on
 // the shapes and the routing only, never on the threads: the sums are the same on any machine.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -23,7 +21,6 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "blas.h"
@@ -223,8 +220,7 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       ups_done[i].fetch_add(1, std::memory_order_release);
       return;
     }
-    for (int spins = 0; ups_done[i].load(std::memory_order_acquire) < t.up_chunks; ++spins)
-      spins < 64 ? _mm_pause() : std::this_thread::yield();  // the core, if another waits
+    dsv3::AwaitCount(ups_done[i], t.up_chunks);
     const auto [f0, f1] = dsv3::ChunkRows(t.F, c, t.down_chunks);
     const int64_t w = f1 - f0;
     thread_local std::vector<float> hidden;

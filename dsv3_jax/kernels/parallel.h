@@ -149,4 +149,20 @@ inline void Parallel(xla::ffi::ThreadPool& pool, int64_t units,
   while (job->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
 }
 
+// Waits until `count` reaches `target` (a unit waiting for units that running participants
+// have taken, e.g. the few-token MoE's down units for their expert's gate/up units): a short
+// pause loop where the CPU has one, for waits of a few microseconds, then yields the core as
+// Parallel's own waits do.
+inline void AwaitCount(const std::atomic<int64_t>& count, int64_t target) {
+  for (int spins = 0; count.load(std::memory_order_acquire) < target; ++spins) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (spins < 64) {
+      __builtin_ia32_pause();
+      continue;
+    }
+#endif
+    std::this_thread::yield();
+  }
+}
+
 }  // namespace dsv3

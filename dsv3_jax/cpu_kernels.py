@@ -22,7 +22,9 @@ pure-JAX path. Users:
     training too;
   * `dsv3_jax.latent_attention`: absorbed MLA decode attention over the latent cache;
   * `dsv3_jax.fused_attention`: causal attention for training and prefill, with its gradient;
-  * `dsv3_jax.skinny_matmul`: weight projections of a few rows (decode steps).
+  * `dsv3_jax.skinny_matmul`: weight projections of a few rows (decode steps);
+  * `dsv3_jax.few_token_moe`: a decode step's whole MoE layer;
+  * `dsv3_jax.mla_decode`: a decode step's whole attention layer (absorbed MLA).
 Built for the machine that builds them (`-march=native`): the CPU's feature flags are part of
 the cache key.
 """
@@ -57,6 +59,7 @@ HANDLERS = {
     "dsv3_causal_attention_bwd": "Dsv3CausalAttentionBackward",
     "dsv3_skinny_matmul": "Dsv3SkinnyMatmul",
     "dsv3_few_token_moe": "Dsv3FewTokenMoe",
+    "dsv3_mla_decode": "Dsv3MlaDecode",
 }
 BLAS_CHOICES = ("auto", "mkl", "openblas")
 LINGER_ENV, DEFAULT_LINGER_US = "DSV3_JAX_KERNEL_LINGER_US", 1000

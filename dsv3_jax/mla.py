@@ -28,7 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import cpu_kernels, fused_attention, latent_attention
+from dsv3_jax import cpu_kernels, fused_attention, latent_attention, mla_decode
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import (
     ABSORBED,
@@ -40,7 +40,7 @@ from dsv3_jax.layers import (
     product,
     project,
 )
-from dsv3_jax.rope import apply_rope, softmax_scale
+from dsv3_jax.rope import apply_rope, rope_tables, softmax_scale
 
 # Rows up to which per-row cache writes (one index per sequence) are unrolled slice updates;
 # past it, one vmapped update (a scatter, which on XLA:CPU also transposes the stack to put
@@ -230,6 +230,29 @@ class MLA(nn.Module):
             parts[name], at = out[..., at:at + size], at + size
         return parts
 
+    def _decode_kernel(self, x, positions, cache, cache_index, norm):
+        """(output, updated cache) of the absorbed path as one kernel call (`mla_decode`),
+        from the decode layout's kernels; None where it does not run (an FP8 recipe, no
+        decode layout, a stacked cache's LayerCache, not `mla_decode.pays`)."""
+        c = self.config
+        names = ("x", "k", "v") + (("q_b",) if c.q_lora_rank else ())
+        if (c.fp8 != "none" or not isinstance(cache, LatentCache)
+                or not all(self.has_variable(ABSORBED, n) for n in names)):
+            return None
+        absorbed = {n: self.get_variable(ABSORBED, n) for n in names}
+        weights = mla_decode.Weights(
+            norm=None if norm is None else norm.weight, x=absorbed["x"],
+            q_norm=self.q_a_layernorm.weight if c.q_lora_rank else None,
+            q_b=absorbed.get("q_b"), kv_norm=self.kv_a_layernorm.weight, k=absorbed["k"],
+            v=absorbed["v"], o=self.o_proj.weight().kernel)
+        if not mla_decode.pays(x, cache.c_kv, cache.k_pe, weights):
+            return None
+        cos, sin = rope_tables(positions, c)
+        y, c_kv, k_pe = mla_decode.layer(x, weights, cos, sin, cache_index, positions,
+                                         cache.c_kv, cache.k_pe, eps=c.rms_norm_eps,
+                                         scale=softmax_scale(c))
+        return y.astype(dtype_of(c.dtype)), LatentCache(c_kv, k_pe)
+
     def __call__(self, x, positions, cache: LatentCache | None = None, cache_index=None,
                  absorb: bool = False, norm: RMSNorm | None = None):
         """Attends causally.
@@ -247,6 +270,10 @@ class MLA(nn.Module):
           ([B, T, D] output, updated cache or None).
         """
         dtype = dtype_of(self.config.dtype)
+        if cache is not None and absorb:
+            fused = self._decode_kernel(x, positions, cache, cache_index, norm)
+            if fused is not None:
+                return fused
         projected = self._from_x(x, norm) if cache is not None and absorb else None
         if projected is None and norm is not None:
             x = norm(x)

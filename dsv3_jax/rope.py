@@ -72,14 +72,22 @@ def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.A
     Returns:
       x rotated, same shape and dtype.
     """
+    cos, sin = rope_tables(positions, config)
+    heads = (1,) * (x.ndim - 3)  # broadcast over [B, T, N, R]'s heads
+    return rotate(x, cos.reshape(cos.shape[:2] + heads + cos.shape[2:]),
+                   sin.reshape(sin.shape[:2] + heads + sin.shape[2:]))
+
+
+def rope_tables(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, R/2] float32 of positions [B, T]'s angles, scaled by the attention
+    factor: what `apply_rope` rotates each interleaved pair by."""
     freqs, attention_factor = inv_freq(config)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)  # [B, T, R/2]
-    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[2:])
-    return _rotate(x, jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(freqs)
+    return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
 
 
 @jax.custom_vjp
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x's interleaved pairs (x0, x1) → (x0·cos − x1·sin, x0·sin + x1·cos), in float32."""
     pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -88,7 +96,7 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _rotate_fwd(x, cos, sin):
-    return _rotate(x, cos, sin), (cos, sin)
+    return rotate(x, cos, sin), (cos, sin)
 
 
 def _rotate_bwd(residuals, dy):
@@ -97,7 +105,7 @@ def _rotate_bwd(residuals, dy):
     ~4x slower than the forward's (2.4 against 0.6 ms for the bench train step's q_pe). The
     angles come from integer positions: no gradient flows to them."""
     cos, sin = residuals
-    return _rotate(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+    return rotate(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
-_rotate.defvjp(_rotate_fwd, _rotate_bwd)
+rotate.defvjp(_rotate_fwd, _rotate_bwd)

@@ -35,6 +35,12 @@ inline const bool kSingleThreaded = [] {
 // process that sets it again, as the tests do, never races a running kernel).
 inline std::atomic<SgemmFunction> sgemm_in_use{&OpenBlasSgemm};
 
+// Whether the sgemm in use is MKL's (anything but OpenBLAS's): the kernels whose best product
+// differs by BLAS ask.
+inline bool SgemmIsMkl() {
+  return sgemm_in_use.load(std::memory_order_relaxed) != &OpenBlasSgemm;
+}
+
 // C = alpha · op(A) · op(B) + beta · C, row-major.
 inline void Sgemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int64_t m, int64_t n, int64_t k,
                   float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,

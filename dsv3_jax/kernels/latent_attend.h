@@ -25,13 +25,14 @@ constexpr int kSlots = 4;  // slots per register tile of the score loop (kRows r
 constexpr int kRows = 4;
 
 // The lanes of each of four vectors summed: [Σ v0, ·, Σ v2, ·, Σ v1, ·, Σ v3, ·].
-inline Floats Sum4(Floats v0, Floats v1, Floats v2, Floats v3) {
-  const Floats a = __builtin_shufflevector(v0, v1, 0, 1, 2, 3, 8, 9, 10, 11) +
-                   __builtin_shufflevector(v0, v1, 4, 5, 6, 7, 12, 13, 14, 15);
-  const Floats b = __builtin_shufflevector(v2, v3, 0, 1, 2, 3, 8, 9, 10, 11) +
-                   __builtin_shufflevector(v2, v3, 4, 5, 6, 7, 12, 13, 14, 15);
-  const Floats c = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +
-                   __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+inline Floats8 Sum4(Floats w0, Floats w1, Floats w2, Floats w3) {
+  const Floats8 v0 = Fold8(w0), v1 = Fold8(w1), v2 = Fold8(w2), v3 = Fold8(w3);
+  const Floats8 a = __builtin_shufflevector(v0, v1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(v0, v1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const Floats8 b = __builtin_shufflevector(v2, v3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(v2, v3, 4, 5, 6, 7, 12, 13, 14, 15);
+  const Floats8 c = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +
+                    __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
   return c + __builtin_shufflevector(c, c, 1, 0, 3, 2, 5, 4, 7, 6);
 }
 
@@ -67,7 +68,7 @@ inline void ScoreTile(const float* a, const float* b, const float* x, const floa
   Dot<I, M>(acc, b, y, R, R);
   for (int i = 0; i < I; ++i) {
     if constexpr (M == 4) {
-      const Floats sums = Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]) * scale;
+      const Floats8 sums = Sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]) * scale;
       for (int j = 0; j < 4; ++j) P[i * ld + j] = sums[(j % 2) * 4 + j / 2 * 2];
     } else {
       for (int j = 0; j < M; ++j) {

@@ -1,5 +1,6 @@
-// Shared by the CPU kernels: eight float32 lanes (GCC/Clang vector extensions, compiled for
-// the building machine's widest registers) and the math the kernels' elementwise steps need.
+// Shared by the CPU kernels: float32 vectors as wide as the building machine's registers (GCC/
+// Clang vector extensions: sixteen lanes with AVX-512, else eight) and the math the kernels'
+// elementwise steps need.
 #pragma once
 
 #include <algorithm>
@@ -9,9 +10,24 @@
 
 namespace dsv3 {
 
-typedef float Floats __attribute__((vector_size(32)));
-typedef int32_t Ints __attribute__((vector_size(32)));
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#else
 constexpr int64_t kLanes = 8;
+#endif
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+typedef float Floats8 __attribute__((vector_size(32)));  // eight lanes: Sum4's shuffles
+
+// v's lanes summed in pairs (i, i + 8) into eight; v itself with eight lanes.
+inline Floats8 Fold8(Floats v) {
+#if defined(__AVX512F__)
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return v;
+#endif
+}
 
 // exp(x) per lane to float32 rounding (Cody-Waite reduction, degree-6 polynomial on
 // [-ln2/2, ln2/2]): 0 below -87 (-inf included), inputs above 88 taken as 88.

@@ -39,7 +39,7 @@ def _operands(c: ModelConfig, B, T, S, norm, squeezed, key):
 CASES = {  # name: (config overrides, B, T, S, input norm, one-sequence cache [S, ·])
     "one_sequence": (dict(), 1, 1, 300, True, True),
     "no_q_compression": (dict(q_lora_rank=None), 3, 2, 90, False, False),
-    # N·H·C = 2¹⁶ floats per absorbed kernel: the per-head products split over the pool
+    # B·T·N·H·C ≥ 2¹⁶ multiply-adds: the per-head products split over the pool
     "many_heads": (dict(num_attention_heads=16, qk_nope_head_dim=32, kv_lora_rank=128,
                         v_head_dim=32), 2, 3, 700, True, False),
 }

@@ -23,9 +23,11 @@ namespace {
 using dsv3::Floats;
 using dsv3::kLanes;
 
-// Per-head products of a few rows are split over the pool from this many weight floats on
-// (V3's 128 heads: 8 M per kernel); below it a fork and join costs more than the product.
-constexpr int64_t kParallelHeadFloats = 1 << 16;
+// The per-head products are split over the pool from this many multiply-adds on (the bench
+// config's 8 heads at batch 8: 131 K; V3's 128 heads: 8 M a row); below it (the bench's 16 K
+// at batch 1) a fork and join costs as much as the product (warm bench steps, both ways
+// alternated: batch 1 alike, batch 8 3.50 / 3.98 / 3.55 against 3.65 / 4.10 / 3.55 ms).
+constexpr int64_t kParallelHeadWork = 1 << 16;
 
 // out = x's interleaved pairs (x0, x1) rotated: (x0·cos − x1·sin, x0·sin + x1·cos), R / 2
 // pairs (rope.apply_rope; cos and sin already scaled by the attention factor).
@@ -55,10 +57,10 @@ void RowTimes(const float* a, const float* w, int64_t K, int64_t W, float* out) 
   }
 }
 
-// work(n) for each head n < N: over the pool when the heads' kernels are large.
+// work(n) for each head n < N (`multiply_adds` in all): over the pool when there is enough.
 template <typename Work>
-void PerHead(ffi::ThreadPool& pool, int64_t N, int64_t floats, const Work& work) {
-  if (floats >= kParallelHeadFloats) {
+void PerHead(ffi::ThreadPool& pool, int64_t N, int64_t multiply_adds, const Work& work) {
+  if (multiply_adds >= kParallelHeadWork) {
     dsv3::Parallel(pool, N, work);
   } else {
     for (int64_t n = 0; n < N; ++n) work(n);
@@ -128,7 +130,7 @@ ffi::Error MlaDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   values.resize(rows * N * A);
   float *ql = q_latent.data(), *qp = q_pe.data(), *lat = latent.data(), *vals = values.data();
   const float *kk = k.typed_data(), *vv = v.typed_data();
-  PerHead(pool, N, H * C, [&](int64_t n) {
+  PerHead(pool, N, rows * N * H * C, [&](int64_t n) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t at = (r / T * N + n) * T + r % T;
       const float* row = query + r * ld_query;
@@ -141,7 +143,7 @@ ffi::Error MlaDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                              scale, lat);
 
   // the values per head, [rows, N·A], then o_proj
-  PerHead(pool, N, C * A, [&](int64_t n) {
+  PerHead(pool, N, rows * N * C * A, [&](int64_t n) {
     for (int64_t r = 0; r < rows; ++r)
       RowTimes(lat + ((r / T * N + n) * T + r % T) * C, vv + n * C * A, C, A,
                vals + (r * N + n) * A);

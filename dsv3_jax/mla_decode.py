@@ -97,13 +97,14 @@ def _check(x, w: Weights, cos, sin, index, positions, c_kv, k_pe):
                 "sin": (B, T, R // 2), "positions": (B, T), "c_kv": (*cache, C),
                 "k_pe": (*cache, R), "weights.norm": None if w.norm is None else (D,),
                 "weights.q_b": None if w.q_norm is None else (Q, N * (H + R))}
-    shape = lambda a: None if a is None else tuple(jnp.shape(a))
-    got = {"weights.x": shape(w.x), "weights.kv_norm": shape(w.kv_norm),
-           "weights.v": shape(w.v), "weights.o": shape(w.o), "cos": shape(cos),
-           "sin": shape(sin), "positions": shape(positions), "c_kv": shape(c_kv),
-           "k_pe": shape(k_pe), "weights.norm": shape(w.norm), "weights.q_b": shape(w.q_b)}
-    bad = [f"{name} {got[name]} (expected {shape})" for name, shape in expected.items()
-           if got[name] != shape]
+    shape_of = lambda a: None if a is None else tuple(jnp.shape(a))
+    got = {"weights.x": shape_of(w.x), "weights.kv_norm": shape_of(w.kv_norm),
+           "weights.v": shape_of(w.v), "weights.o": shape_of(w.o), "cos": shape_of(cos),
+           "sin": shape_of(sin), "positions": shape_of(positions), "c_kv": shape_of(c_kv),
+           "k_pe": shape_of(k_pe), "weights.norm": shape_of(w.norm),
+           "weights.q_b": shape_of(w.q_b)}
+    bad = [f"{name} {got[name]} (expected {want})" for name, want in expected.items()
+           if got[name] != want]
     if jnp.shape(index) not in ((), (1,), (B,)):
         bad.append(f"index {jnp.shape(index)} (expected a scalar or ({B},))")
     if (c_kv.ndim == 2 and B != 1) or T > S or R % 2:

@@ -21,7 +21,8 @@ def test_decode_step_equals_the_full_forward(monkeypatch, split, B):
     carried on device): each call's logits equal the full forward's at that position, to fp32
     noise (2e-6 of the largest logit: the absorbed path's different order of sums, measured
     ≤ 4.7e-7); a greedy head gives their argmax; the restored cache equals the model's own
-    absorbed steps' cache (the same operations: 1e-6). B = 1 on the split layout: caches
+    absorbed steps' cache (the same formula; on the split layout one kernel call per
+    attention layer, `mla_decode`: 1e-6). B = 1 on the split layout: caches
     without a batch axis."""
     monkeypatch.setattr(unstacked, "split_pays", lambda: split)
     c, P, T = TINY, 5, 4

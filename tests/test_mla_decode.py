@@ -48,9 +48,10 @@ CASES = {  # name: (config overrides, B, T, S, input norm, one-sequence cache [S
 @pytest.mark.usefixtures("each_blas")
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_the_formula_and_writes_the_cache_in_place(case):
-    """Random operands, under each BLAS: y equals `reference`'s to 1e-5 of its largest value;
-    the caches equal its caches (the new entries to 1e-6, every other slot unchanged, bit for
-    bit); the gradient wrt x is the formula's."""
+    """Random operands, under each BLAS: y equals `reference`'s to 5e-6 of its largest value
+    (measured ≤ 1.5e-6: the kernel's sums in another order); the caches equal its caches (the
+    new entries to 1e-6, measured ≤ 2.1e-7; every other slot unchanged, bit for bit); the
+    gradient wrt x is the formula's, exactly (the kernel's derivatives are `reference`'s)."""
     overrides, B, T, S, norm, squeezed = CASES[case]
     c = ModelConfig.preset("tiny", **overrides)
     x, w, index, positions, c_kv, k_pe = _operands(c, B, T, S, norm, squeezed,
@@ -61,7 +62,7 @@ def test_kernel_equals_the_formula_and_writes_the_cache_in_place(case):
     y, new_c, new_k = jax.jit(lambda *a: mla_decode.layer(*a, **args))(
         x, w, cos, sin, index, positions, c_kv, k_pe)
     y_r, c_r, k_r = mla_decode.reference(x, w, cos, sin, index, positions, c_kv, k_pe, **args)
-    np.testing.assert_allclose(y, y_r, rtol=0, atol=1e-5 * float(jnp.abs(y_r).max()))
+    np.testing.assert_allclose(y, y_r, rtol=0, atol=5e-6 * float(jnp.abs(y_r).max()))
     for new, want, old in ((new_c, c_r, c_kv), (new_k, k_r, k_pe)):
         np.testing.assert_allclose(new, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
         written = np.asarray(want != old)
@@ -70,16 +71,15 @@ def test_kernel_equals_the_formula_and_writes_the_cache_in_place(case):
     probe = jax.random.normal(jax.random.key(1), y.shape)
     grad = lambda f: jax.grad(lambda x: (f(x, w, cos, sin, index, positions, c_kv, k_pe,
                                            **args)[0] * probe).sum())(x)
-    g, g_r = grad(mla_decode.layer), grad(mla_decode.reference)
-    np.testing.assert_allclose(g, g_r, rtol=0, atol=1e-5 * float(jnp.abs(g_r).max()))
+    np.testing.assert_array_equal(grad(mla_decode.layer), grad(mla_decode.reference))
 
 
 @pytest.mark.parametrize("overrides, B", [(dict(), 1), (dict(q_lora_rank=None), 2)])
 def test_decode_steps_take_the_kernel_and_keep_the_xla_paths_numbers(monkeypatch, overrides, B):
     """`DecodeStep` on the per-layer layout: one kernel call per layer (in its jaxpr); over
     three steps after a prefill its logits equal those of the same step with the kernel
-    switched off (`pays` False: `mla.MLA`'s XLA path) to 1e-5 of the largest, and so does the
-    cache it leaves (1e-5)."""
+    switched off (`pays` False: `mla.MLA`'s XLA path) to 2e-6 of the largest, and so does the
+    cache it leaves (measured ≤ 4.4e-7 and 2.7e-7)."""
     monkeypatch.setattr(unstacked, "split_pays", lambda: True)
     c = ModelConfig.preset("tiny", num_nextn_predict_layers=0, **overrides)
     variables = init_variables(c, jax.random.key(0))
@@ -103,7 +103,7 @@ def test_decode_steps_take_the_kernel_and_keep_the_xla_paths_numbers(monkeypatch
     assert "dsv3_mla_decode" not in jaxpr_x
     for a, b in zip(logits + cache, logits_x + cache_x, strict=True):
         b = np.asarray(b)
-        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-5 * np.abs(b).max())
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=2e-6 * np.abs(b).max())
 
 
 def test_when_the_kernel_runs_and_bad_operands():

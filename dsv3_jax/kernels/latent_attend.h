@@ -105,8 +105,9 @@ inline void Scores(const float* a, const float* b, const float* x, const float* 
 
 // Whether a piece of m slots takes its scores from sgemm: with MKL's from 256 slots (a piece
 // of the bench decode's 1024-slot cache, 4 pieces over 2 threads: the layer's attention 29.9
-// → 24.4 µs; equal at 256 slots alone, the tiles ahead below), never with OpenBLAS's (28.4 →
-// 36.1 µs: it spent twice the product's time packing the cache). /tmp/s26/labench2.py.
+// → 24.4 µs against 8-lane tiles; equal at 256 slots alone, the tiles ahead below; 16-lane
+// tiles and MKL alike in a whole decode step), never with OpenBLAS's (28.4 → 36.1 µs: it
+// spent twice the product's time packing the cache). /tmp/s26/labench2.py.
 inline bool SgemmScores(int64_t m) { return m >= 256 && SgemmIsMkl(); }
 
 // Fewest slots per piece when a sequence's slots are split over the threads.
@@ -126,7 +127,7 @@ struct Sequence {
 // top[i] the row's largest visible score (−inf: none in the range), sum[i] = Σ_s
 // exp(score − top_i).
 inline void Partial(const Sequence& s, int64_t n, int64_t s0, int64_t s1, int64_t C, int64_t R,
-             float scale, float* o, float* top, float* sum) {
+                    float scale, float* o, float* top, float* sum) {
   const int64_t m = s1 - s0, ld = Padded(m);
   std::vector<float> scores(n * ld);
   if (SgemmScores(m)) {

@@ -148,11 +148,13 @@ def reference(x, weights: Weights, cos, sin, index, positions, c_kv, k_pe, eps: 
                               f32(w.q_b)), Q
     new_c = rms_norm(p[..., kv_at:kv_at + C], w.kv_norm, eps, jnp.float32)
     new_k = rotate(p[..., kv_at + C:], cos, sin)
-    from dsv3_jax.mla import write_entries  # the model's own cache write (mla imports this)
     index = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), (B,))
     squeezed = c_kv.ndim == 2
     c_kv, k_pe = (c_kv[None], k_pe[None]) if squeezed else (c_kv, k_pe)
-    c_kv, k_pe = write_entries(f32(c_kv), new_c, index), write_entries(f32(k_pe), new_k, index)
+    # per row, a window past the end moved back (mla.write_entries' semantics; mla imports
+    # this module, so its function is not imported here: tests/test_layering.py)
+    put = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0)))
+    c_kv, k_pe = put(f32(c_kv), new_c, index), put(f32(k_pe), new_k, index)
     q_nope = q[..., :N * H].reshape(B, T, N, H)
     q_pe = rotate(q[..., N * H:].reshape(B, T, N, R), cos[:, :, None], sin[:, :, None])
     q_latent = jnp.einsum("BTNH,NHC->BNTC", q_nope, f32(w.k))

@@ -8,10 +8,11 @@ job lingers for the next one, up to `DSV3_JAX_KERNEL_LINGER_US` microseconds (de
 call splits over XLA's pool's threads, at most the usable cores: `threads()`): a decode
 step's kernel calls, and its next step's, come closer together than a parked pool thread
 takes to wake. The BLAS is Intel MKL's sequential one where the `mkl` wheel is installed
-(the `[mkl]` extra: 10-25% faster than OpenBLAS on the kernels' skinny products on an
-AVX-512 Xeon), else OpenBLAS (the `scipy-openblas32` wheel, linked);
-`DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import), `blas()` says
-which is in use.
+(the `[mkl]` extra) and the CPU is Intel's, else OpenBLAS (the `scipy-openblas32` wheel,
+linked): MKL was 10-25% faster than OpenBLAS on the kernels' skinny products on an AVX-512
+Xeon, but 1.4-1.5x slower at decode steps (1.1x at the train step) on an AMD EPYC (Zen 4),
+where its Intel-tuned code paths do not run. `DSV3_JAX_BLAS=auto|mkl|openblas` chooses
+(another value fails the import), `blas()` says which is in use.
 
 All sources compile into one library (~5 s with the system's C++ compiler, `$CXX` or `c++`,
 against jaxlib's FFI headers), cached under `$DSV3_JAX_KERNEL_CACHE` (default
@@ -75,14 +76,29 @@ def _openblas():
             scipy_openblas32.get_library())
 
 
+def _cpuinfo_field(*names: str, info: str | None = None) -> str | None:
+    """The value of the first line of `info` (default: /proc/cpuinfo) named one of `names`
+    (None: not Linux, or no such line)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text() if info is None else info
+    except OSError:
+        return None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in names:
+            return value.strip()
+    return None
+
+
+def intel_cpu() -> bool:
+    """Whether this is an Intel CPU (/proc/cpuinfo's vendor_id GenuineIntel): `auto` chooses
+    MKL only there."""
+    return _cpuinfo_field("vendor_id") == "GenuineIntel"
+
+
 def _cpu_flags() -> bytes:
     """The instruction sets `-march=native` builds for (Linux: /proc/cpuinfo's flags)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform_module.machine().encode()
-    return next((line for line in info.splitlines() if line.startswith(("flags", "Features"))),
-                platform_module.machine()).encode()
+    return (_cpuinfo_field("flags", "Features") or platform_module.machine()).encode()
 
 
 def _build() -> Path:
@@ -171,7 +187,8 @@ def _mkl_sgemm() -> int | None:
 
 def _use_blas(library, choice: str) -> str:
     """Installs the chosen BLAS's sgemm in the loaded kernels; returns its name."""
-    sgemm = None if choice == "openblas" else _mkl_sgemm()
+    wants_mkl = choice == "mkl" or (choice == "auto" and intel_cpu())
+    sgemm = _mkl_sgemm() if wants_mkl else None
     if sgemm is None and choice == "mkl":
         raise RuntimeError("DSV3_JAX_BLAS=mkl, but MKL is unavailable here (the `mkl` wheel: "
                            "pip install -e \".[mkl]\"): unset it or choose openblas")

@@ -1,4 +1,5 @@
-"""The few-rows projection kernel (`dsv3_jax.skinny_matmul`, an XLA FFI call into a BLAS) against
+"""The few-rows projection kernel (`dsv3_jax.skinny_matmul`, an XLA FFI call: streamed products of
+one or two rows, `kernels/stream_product.h`, else a BLAS) against
 NumPy, and where `layers.project` takes it: float32 projections of at most MAX_ROWS rows on
 one CPU device, with the derivatives of XLA's dot."""
 
@@ -20,6 +21,9 @@ from dsv3_jax.rms_norm import rms_norm
     (8, 96, 200),  # N not a multiple of the 16-column block edges
     (32, 64, 48),  # N below one block: one sgemm
     (3, 1, 5),  # K = 1
+    (1, 77, 200),  # one row streamed: column blocks of 256, 128, 64 and 8 (AVX-512)
+    (2, 33, 7),  # two rows streamed, N inside one vector
+    (1, 40, 1),  # N = 1
 ])
 def test_kernel_matches_numpy(M, K, N):
     """≤ 1e-5 of the largest value (float32 accumulation over K)."""

@@ -27,6 +27,7 @@
 #include "expert_stacks.h"
 #include "parallel.h"
 #include "row_chunks.h"
+#include "stream_product.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -213,10 +214,10 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const int64_t size = t.rows * t.F;
     if (unit < up_units) {
       const auto [d0, d1] = dsv3::ChunkRows(D, c, t.up_chunks);
-      dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
-                  t.gate + d0 * t.F, t.F, 0.0f, &t.g[c * size], t.F);
-      dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, t.F, d1 - d0, 1.0f, t.x + d0, D,
-                  t.up + d0 * t.F, t.F, 0.0f, &t.u[c * size], t.F);
+      dsv3::FewRowProduct(t.x + d0, D, t.rows, d1 - d0, t.gate + d0 * t.F, t.F, t.F,
+                          &t.g[c * size], t.F);
+      dsv3::FewRowProduct(t.x + d0, D, t.rows, d1 - d0, t.up + d0 * t.F, t.F, t.F,
+                          &t.u[c * size], t.F);
       ups_done[i].fetch_add(1, std::memory_order_release);
       return;
     }
@@ -237,8 +238,8 @@ ffi::Error FewTokenMoe(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         dsv3::Store(&hidden[r * w + f], dsv3::SwigluActivation(g, u, sc), n);
       }
     }
-    dsv3::Sgemm(CblasNoTrans, CblasNoTrans, t.rows, D, w, 1.0f, hidden.data(), w,
-                t.down + f0 * D, D, 0.0f, &t.out[c * t.rows * D], D);
+    dsv3::FewRowProduct(hidden.data(), w, t.rows, w, t.down + f0 * D, D, D,
+                        &t.out[c * t.rows * D], D);
   });
   // an expert's row r of output: its chunks' partial outputs summed
   auto output = [&](const Expert& t, int64_t r, float* o, bool first) {

@@ -1,6 +1,6 @@
 // Shared by the kernels that project a few rows (decode steps): Y [M, N] = X [M, K] · W [K, N],
-// float32, over XLA's intra-op pool, each piece one sgemm (blas.h) that streams its part of W
-// once: for at most kFewRows rows W's rows in contiguous chunks (row_chunks.h), each a partial
+// float32, over XLA's intra-op pool, each piece one product (stream_product.h: streamed for
+// one or two rows, else one sgemm) that reads its part of W once: for at most kFewRows rows W's rows in contiguous chunks (row_chunks.h), each a partial
 // product, summed in chunk order; otherwise W's columns in blocks.
 #pragma once
 
@@ -11,6 +11,7 @@
 #include "blas.h"
 #include "parallel.h"
 #include "row_chunks.h"
+#include "stream_product.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace dsv3 {
@@ -28,8 +29,8 @@ inline void SkinnyProduct(xla::ffi::ThreadPool& pool, const float* xs, int64_t M
     float* partial = partials.data();
     Parallel(pool, chunks, [&](int64_t c) {
       const auto [k0, k1] = ChunkRows(K, c, chunks);
-      Sgemm(CblasNoTrans, CblasNoTrans, M, N, k1 - k0, 1.0f, xs + k0, K, ws + k0 * N, N, 0.0f,
-            c == 0 ? out : partial + (c - 1) * M * N, N);
+      FewRowProduct(xs + k0, K, M, k1 - k0, ws + k0 * N, N, N,
+                    c == 0 ? out : partial + (c - 1) * M * N, N);
     });
     for (int64_t c = 1; c < chunks; ++c) {
       const float* p = partial + (c - 1) * M * N;
@@ -43,8 +44,7 @@ inline void SkinnyProduct(xla::ffi::ThreadPool& pool, const float* xs, int64_t M
     const int64_t n0 = N * b / blocks / 16 * 16;
     const int64_t n1 = b + 1 == blocks ? N : N * (b + 1) / blocks / 16 * 16;
     if (n1 > n0)
-      Sgemm(CblasNoTrans, CblasNoTrans, M, n1 - n0, K, 1.0f, xs, K, ws + n0, N, 0.0f, out + n0,
-            N);
+      FewRowProduct(xs, K, M, K, ws + n0, N, n1 - n0, out + n0, N);
   });
 }
 

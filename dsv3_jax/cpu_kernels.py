@@ -1,19 +1,20 @@
 """The project's CPU kernels (`kernels/*.cc`): XLA FFI handlers built on first use, registered
 with XLA:CPU.
 
-The handlers call a single-threaded BLAS `sgemm` (`kernels/blas.h`), or for products of one or
-two rows their own streamed loops (`kernels/stream_product.h`: no packing of the weight), and
-split their work over XLA's own intra-op thread pool (`kernels/parallel.h`). A pool task that
-helped with a short job lingers for the next one, up to `DSV3_JAX_KERNEL_LINGER_US` microseconds
-(default 1000; 0 never lingers; another value fails the import), no more at once than one call's
-helpers (a call splits over XLA's pool's threads, at most the usable cores: `threads()`): a
-decode step's kernel calls, and its next step's, come closer together than a parked pool thread
-takes to wake. The BLAS is Intel MKL's sequential one where the `mkl` wheel is installed (the
-`[mkl]` extra) and the CPU is Intel's, else OpenBLAS (the `scipy-openblas32` wheel, linked): MKL
-was 10-25% faster than OpenBLAS on the kernels' skinny products on an AVX-512 Xeon, but 1.4-1.5x
-slower at decode steps (1.1x at the train step) on an AMD EPYC (Zen 4), where its Intel-tuned
-code paths do not run. `DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the
-import), `blas()` says which is in use.
+The handlers call a single-threaded BLAS `sgemm` (`kernels/blas.h`), or, with OpenBLAS, for
+products of one or two rows their own streamed loops (`kernels/stream_product.h`: no packing of
+the weight), and split their work over XLA's own intra-op thread pool (`kernels/parallel.h`). A
+pool task that helped with a short job lingers for the next one, up to
+`DSV3_JAX_KERNEL_LINGER_US` microseconds (default 1000; 0 never lingers; another value fails the
+import), no more at once than one call's helpers (a call splits over XLA's pool's threads, at
+most the usable cores: `threads()`): a decode step's kernel calls, and its next step's, come
+closer together than a parked pool thread takes to wake. The BLAS is Intel MKL's sequential one
+where the `mkl` wheel is installed (the `[mkl]` extra) and the CPU is Intel's, else OpenBLAS
+(the `scipy-openblas32` wheel, linked): MKL was 10-25% faster than OpenBLAS on the kernels'
+skinny products on an AVX-512 Xeon, but 1.4-1.5x slower at decode steps (1.1x at the train step)
+on an AMD EPYC (Zen 4), where its Intel-tuned code paths do not run.
+`DSV3_JAX_BLAS=auto|mkl|openblas` chooses (another value fails the import), `blas()` says which
+is in use.
 
 All sources compile into one library (~5 s with the system's C++ compiler, `$CXX` or `c++`,
 against jaxlib's FFI headers), cached under `$DSV3_JAX_KERNEL_CACHE` (default

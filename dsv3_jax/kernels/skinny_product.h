@@ -1,7 +1,8 @@
 // Shared by the kernels that project a few rows (decode steps): Y [M, N] = X [M, K] · W [K, N],
-// float32, over XLA's intra-op pool, each piece one product (stream_product.h: streamed for
-// one or two rows, else one sgemm) that reads its part of W once: for at most kFewRows rows W's rows in contiguous chunks (row_chunks.h), each a partial
-// product, summed in chunk order; otherwise W's columns in blocks.
+// float32, over XLA's intra-op pool, each piece one product (stream_product.h: streamed for one or
+// two rows with OpenBLAS, else one sgemm) that reads its part of W once: for at most kFewRows rows
+// W's rows in contiguous chunks (row_chunks.h), each a partial product, summed in chunk order;
+// otherwise W's columns in blocks.
 #pragma once
 
 #include <algorithm>

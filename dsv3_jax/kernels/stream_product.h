@@ -1,14 +1,14 @@
-// Shared by the kernels that multiply a few rows by a weight (decode steps): Y [M, N] =
-// X [M, K] · W [K, N], float32, on the calling thread. For one or two rows W's rows are
-// streamed in order, in blocks of columns, the products of each row of X accumulated in
-// registers (broadcast multiply-adds). For a weight that is not in the core's own caches, as a
-// decode step's weights never are, this beat a BLAS sgemm call, which first copies (packs) W:
-// 20 MB of 64 KB [128, 128] chunks at M = 1 took 0.35-0.39 ms from the shared cache against
-// OpenBLAS's 0.64-0.74, 0.70-0.85 from memory against 1.11 (one core, AMD EPYC Zen 4,
-// /tmp/s27/mb/cold.cc); bench decode steps after a 1024-token prompt, both ways alternated in
-// one process over 40 rounds: batch 1 1.106 → 0.907 ms (median), batch 8 5.17 → 4.88, the
-// small preset's batch 1 4.04 → 3.36 (/tmp/s27/streamab.py). Each output is its row's
-// products summed over k in order: the same on any machine with the same vector width.
+// Shared by the kernels that multiply a few rows by a weight (decode steps): Y [M, N] = X [M, K] ·
+// W [K, N], float32, on the calling thread. For one or two rows (with OpenBLAS) W's rows are
+// streamed in order, in blocks of columns, the products of each row of X accumulated in registers
+// (broadcast multiply-adds). For a weight that is not in the core's own caches, as a decode step's
+// weights never are, this beat OpenBLAS's sgemm call, which first copies (packs) W: 20 MB of 64 KB
+// [128, 128] chunks at M = 1 took 0.35-0.39 ms from the shared cache against OpenBLAS's 0.64-0.74,
+// 0.70-0.85 from memory against 1.11 (one core, AMD EPYC Zen 4, /tmp/s27/mb/cold.cc); bench decode
+// steps after a 1024-token prompt, both ways alternated in one process over 40 rounds: batch 1
+// 1.106 → 0.907 ms (median), batch 8 5.17 → 4.88, the small preset's batch 1 4.04 → 3.36
+// (/tmp/s27/streamab.py). Each output is its row's products summed over k in order: the same on
+// any machine with the same vector width.
 #pragma once
 
 #include <algorithm>
@@ -30,8 +30,8 @@ constexpr int kOneRowVectors = kLanes == 16 ? 16 : 8;
 // Y[i, n0 + ·] for I rows and V vectors of columns from n0 (the last of them `tail` lanes wide:
 // kLanes but where N ends inside it).
 template <int I, int V>
-inline void StreamTile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, int64_t tail,
-                       float* y, int64_t ldy) {
+inline void StreamTile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw,
+                       int64_t tail, float* y, int64_t ldy) {
   Floats acc[I][V] = {};
   for (int64_t k = 0; k < K; ++k) {
     const float* row = w + k * ldw;
@@ -65,11 +65,13 @@ inline void StreamRows(const float* x, int64_t ldx, int64_t K, const float* w, i
 }
 
 // y [M, N] (rows ldy apart) = x [M, K] (rows ldx apart) · w [K, N] (rows ldw apart), M ≥ 1:
-// streamed for at most kStreamRows rows (pairs of rows, then a last single row), else one
-// sgemm.
+// streamed for at most kStreamRows rows (pairs of rows, then a last single row) unless the
+// sgemm in use is MKL's, else one sgemm. MKL does not pack small products: on an AVX-512 Xeon
+// its one-row product of a 64 KB chunk took 2.5 µs against a hand-written loop's 2.9
+// (session 25); OpenBLAS packs them (above).
 inline void FewRowProduct(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w,
                           int64_t ldw, int64_t N, float* y, int64_t ldy) {
-  if (M > kStreamRows) {
+  if (M > kStreamRows || SgemmIsMkl()) {
     Sgemm(CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, x, ldx, w, ldw, 0.0f, y, ldy);
     return;
   }

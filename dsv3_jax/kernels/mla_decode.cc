@@ -13,15 +13,13 @@
 #include "latent_attend.h"
 #include "parallel.h"
 #include "skinny_product.h"
+#include "stream_product.h"
 #include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-using dsv3::Floats;
-using dsv3::kLanes;
 
 // The per-head products are split over the pool from this many multiply-adds on (the bench
 // config's 8 heads at batch 8: 131 K; V3's 128 heads: 8 M a row); below it (the bench's 16 K
@@ -36,25 +34,6 @@ void Rotate(const float* x, const float* cos, const float* sin, int64_t R, float
     const float x0 = x[2 * i], x1 = x[2 * i + 1];
     out[2 * i] = x0 * cos[i] - x1 * sin[i];
     out[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
-  }
-}
-
-// out [W] = Σ_k a[k] · w[k, :] for w [K, W] row-major: one row through one head's kernel, in
-// blocks of 8 vectors of columns, each block's accumulators independent (one accumulator
-// summed over k waits on each product in turn; the bench's 8 heads, with the rotations and
-// the cache write: 3.7 → 3.0 µs, the rest mostly reading the 64 KB kernel on one thread).
-void RowTimes(const float* a, const float* w, int64_t K, int64_t W, float* out) {
-  constexpr int64_t kBlock = 8;
-  for (int64_t j0 = 0; j0 < W; j0 += kBlock * kLanes) {
-    const int64_t vectors = std::min(kBlock, (W - j0 + kLanes - 1) / kLanes);
-    Floats acc[kBlock] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const float* row = w + k * W + j0;
-      for (int64_t u = 0; u < vectors; ++u)
-        acc[u] += a[k] * dsv3::Load(row + u * kLanes, std::min(kLanes, W - j0 - u * kLanes));
-    }
-    for (int64_t u = 0; u < vectors; ++u)
-      dsv3::Store(out + j0 + u * kLanes, acc[u], std::min(kLanes, W - j0 - u * kLanes));
   }
 }
 
@@ -136,7 +115,7 @@ ffi::Error MlaDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       const int64_t at = (r / T * N + n) * T + r % T;
       const float* row = query + r * ld_query;
       Rotate(row + N * H + n * R, cs + r * (R / 2), sn + r * (R / 2), R, qp + at * R);
-      RowTimes(row + n * H, kk + n * H * C, H, C, ql + at * C);
+      dsv3::StreamRow(row + n * H, H, kk + n * H * C, C, C, ql + at * C);
     }
   });
 
@@ -146,8 +125,8 @@ ffi::Error MlaDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   // the values per head, [rows, N·A], then o_proj
   PerHead(pool, N, rows * N * C * A, [&](int64_t n) {
     for (int64_t r = 0; r < rows; ++r)
-      RowTimes(lat + ((r / T * N + n) * T + r % T) * C, vv + n * C * A, C, A,
-               vals + (r * N + n) * A);
+      dsv3::StreamRow(lat + ((r / T * N + n) * T + r % T) * C, C, vv + n * C * A, A, A,
+                      vals + (r * N + n) * A);
   });
   dsv3::SkinnyProduct(pool, vals, rows, N * A, w_o.typed_data(), D, out);
   return ffi::Error::Success();

@@ -64,21 +64,26 @@ inline void StreamRows(const float* x, int64_t ldx, int64_t K, const float* w, i
   }
 }
 
+// y [N] = x [K] · w [K, N] (rows ldw apart): one row streamed, whatever the BLAS (also the
+// decode layer's per-head products, mla_decode.cc).
+inline void StreamRow(const float* x, int64_t K, const float* w, int64_t ldw, int64_t N,
+                      float* y) {
+  StreamRows<1, kOneRowVectors>(x, K, K, w, ldw, N, y, N);
+}
+
 // y [M, N] (rows ldy apart) = x [M, K] (rows ldx apart) · w [K, N] (rows ldw apart), M ≥ 1:
-// streamed for at most kStreamRows rows (pairs of rows, then a last single row) unless the
-// sgemm in use is MKL's, else one sgemm. MKL does not pack small products: on an AVX-512 Xeon
-// its one-row product of a 64 KB chunk took 2.5 µs against a hand-written loop's 2.9
-// (session 25); OpenBLAS packs them (above).
+// streamed for at most kStreamRows rows unless the sgemm in use is MKL's, else one sgemm.
+// MKL does not pack small products: on an AVX-512 Xeon its one-row product of a 64 KB chunk
+// took 2.5 µs against a hand-written loop's 2.9 (session 25); OpenBLAS packs them (above).
 inline void FewRowProduct(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w,
                           int64_t ldw, int64_t N, float* y, int64_t ldy) {
   if (M > kStreamRows || SgemmIsMkl()) {
     Sgemm(CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, x, ldx, w, ldw, 0.0f, y, ldy);
-    return;
+  } else if (M == 2) {
+    StreamRows<2, 8>(x, ldx, K, w, ldw, N, y, ldy);
+  } else {
+    StreamRow(x, K, w, ldw, N, y);
   }
-  int64_t i = 0;
-  for (; i + 2 <= M; i += 2)
-    StreamRows<2, 8>(x + i * ldx, ldx, K, w, ldw, N, y + i * ldy, ldy);
-  if (i < M) StreamRows<1, kOneRowVectors>(x + i * ldx, ldx, K, w, ldw, N, y + i * ldy, ldy);
 }
 
 }  // namespace dsv3
